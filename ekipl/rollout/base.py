@@ -1,0 +1,87 @@
+"""The rollout-engine protocol shared by the trainer (policy sampling) and the expert pool.
+
+An engine turns prompts (token ids with their images) into groups of sampled completions, each with the
+engine's own log-probs of the sampled tokens, and takes new weights after every update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """One chat-templated prompt, ready for generation.
+
+    ``input_ids`` already hold the expanded image placeholder tokens, so that ``mm_inputs`` (the
+    processor's ``pixel_values``, ``image_grid_thw``, ...) line up with them for an HF forward pass;
+    ``images`` keeps the PIL images for engines that take raw images (SGLang's ``image_data``).
+    """
+
+    uid: str
+    input_ids: list[int]
+    images: list[Any] = field(default_factory=list)
+    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; defaults follow Reason-RFT's RL setup (top_p 0.9, top_k 50, 512 new tokens)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 50  # 0 disables top-k
+    max_new_tokens: int = 512
+
+
+@dataclass
+class Completion:
+    """One sampled answer: its token ids, the engine's log-prob of each, and why it stopped."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+
+
+@dataclass
+class SyncStats:
+    """What one weight sync cost."""
+
+    bytes: int
+    buckets: int
+    seconds: float
+
+
+class RolloutEngine(Protocol):
+    """What the trainer and the expert pool need from a generator."""
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int,
+        sampling: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+    ) -> list[list[Completion]]:
+        """Sample ``n`` completions per prompt; ``seeds[i][j]`` seeds sample ``j`` of prompt ``i``.
+
+        Returns one list of ``n`` completions per prompt, in prompt order.
+        """
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
+        """Load new policy weights (transformers parameter names) and drop any cached prefixes."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free the engine's accelerator memory (KV cache, weights) before the learner runs."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Take back the memory released by :meth:`release_memory`."""
+        ...
+
+    def shutdown(self) -> None:
+        ...

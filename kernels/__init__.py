@@ -1,0 +1,15 @@
+"""ekipl_kernels: the fused mixed-origin GRPO loss for RL on language models.
+
+Needs only torch (and triton for the CUDA path)::
+
+    from ekipl_kernels import LossConfig, fused_linear_grpo_loss
+    out = fused_linear_grpo_loss(hidden, lm_head.weight, targets, advantages=adv, cu_seqlens=cu,
+                                 origin=origin, old_logprobs=old, config=LossConfig(beta=0.04),
+                                 ref_logprobs=ref)
+    out.loss.backward()
+"""
+
+from .api import fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
+from .config import LossConfig, LossOutput
+
+__all__ = ["LossConfig", "LossOutput", "fused_linear_grpo_loss", "grpo_loss", "fused_linear_logprobs"]

@@ -1,0 +1,147 @@
+"""The public loss functions: validation, backend dispatch, autograd and statistics."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import reference
+from .backends import load_backend, resolve_backend
+from .config import LossConfig, LossOutput
+from .inputs import TokenInputs, check_logits_inputs, check_matrix_inputs, prepare_token_inputs
+
+Normalizer = Union[float, torch.Tensor, None]
+
+
+class _PrecomputedGradLoss(torch.autograd.Function):
+    """A scalar loss whose input gradients were formed during the forward (never recomputed)."""
+
+    @staticmethod
+    def forward(ctx, loss, grad_a, grad_b, input_a, input_b):  # noqa: D401 - autograd signature
+        ctx.save_for_backward(grad_a, grad_b)
+        ctx.has = (grad_a is not None, grad_b is not None)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_a, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_output.to(g.dtype)  # noqa: E731
+        return None, None, None, scale(grad_a), scale(grad_b)
+
+
+def _statistics(logprobs, entropy, tok: TokenInputs, config: LossConfig) -> dict[str, float]:
+    with torch.no_grad():
+        _, diag = reference.token_losses(
+            logprobs, entropy, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
+            ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs,
+            config=LossConfig(**{**config.__dict__, "entropy_coef": 0.0}),
+        )
+    return reference.summarize(tok.mask, tok.is_expert, diag, entropy)
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    origin: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    behavior_logprobs: Optional[torch.Tensor] = None,
+    loss_mask: Optional[torch.Tensor] = None,
+    normalizer: Normalizer = None,
+    config: LossConfig = LossConfig(),
+    backend: Optional[str] = None,
+) -> LossOutput:
+    """GRPO loss over mixed-origin packed sequences, straight from hidden states and the LM head.
+
+    ``hidden [N, H]`` and ``weight [V, H]`` share a dtype (fp32, bf16, fp16); ``targets [N]`` int64;
+    ``cu_seqlens [S+1]`` (0 ... N); ``advantages [S]`` or ``[N]``; ``origin [N]`` (0 policy, e > 0 expert
+    e); ``old/ref/behavior_logprobs [N]`` fp32; ``loss_mask [N]``; ``normalizer`` replaces the token
+    count of token-mean, the sequence count of the seq-mean modes (pass the global count so that
+    data-parallel ranks and micro-batches agree). The ``[N, V]`` logits are never materialised.
+    """
+    check_matrix_inputs(hidden, weight, targets)
+    name = resolve_backend(backend, hidden.device)
+    keywords = dict(
+        advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
+        config=config,
+    )
+    if name == "reference":
+        return reference.fused_linear_grpo_loss(hidden, weight, targets, **keywords)
+    tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords)
+    grad_on = torch.is_grad_enabled()
+    need_entropy = config.entropy_coef != 0
+    result = load_backend(name).linear_loss(
+        hidden, weight, targets, tok, config, need_entropy=need_entropy,
+        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad,
+    )
+    loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, result.grad_weight, hidden, weight)
+    return LossOutput(loss, result.logprobs, result.entropy, _statistics(result.logprobs, result.entropy, tok, config))
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    origin: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    behavior_logprobs: Optional[torch.Tensor] = None,
+    loss_mask: Optional[torch.Tensor] = None,
+    normalizer: Normalizer = None,
+    config: LossConfig = LossConfig(),
+    backend: Optional[str] = None,
+) -> LossOutput:
+    """The same loss for callers that already hold ``[N, V]`` logits (differentiable w.r.t. ``logits``)."""
+    check_logits_inputs(logits, targets)
+    name = resolve_backend(backend, logits.device)
+    keywords = dict(
+        advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
+        config=config,
+    )
+    if name == "reference":
+        return reference.grpo_loss(logits, targets, **keywords)
+    tok = prepare_token_inputs(logits.shape[0], logits.device, **keywords)
+    need_entropy = config.entropy_coef != 0
+    result = load_backend(name).logits_loss(
+        logits, targets, tok, config, need_entropy=need_entropy,
+        grad_logits=torch.is_grad_enabled() and logits.requires_grad,
+    )
+    loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, None, logits, None)
+    return LossOutput(loss, result.logprobs, result.entropy, _statistics(result.logprobs, result.entropy, tok, config))
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: Optional[str] = None,
+):
+    """fp32 ``[N]`` log-probs of ``targets`` (and entropies) under ``softmax(hidden @ weight.T / T)``.
+
+    For the old-policy and reference passes: no gradient, no ``[N, V]`` tensor kept.
+    """
+    check_matrix_inputs(hidden, weight, targets)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    name = resolve_backend(backend, hidden.device)
+    if name == "reference":
+        return reference.fused_linear_logprobs(
+            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
+        )
+    with torch.no_grad():
+        lp, entropy = load_backend(name).linear_logprobs(
+            hidden.detach(), weight.detach(), targets, float(temperature), return_entropy
+        )
+    return (lp, entropy) if return_entropy else lp

@@ -1,0 +1,199 @@
+"""Validation of the loss inputs and their reduction to per-token vectors.
+
+Every backend consumes the same :class:`TokenInputs`: per-token advantages, per-token aggregation
+weights (the mask and the normaliser folded in, so the loss is ``sum_t w_t * l_t``) and an expert flag.
+Doing this once, in torch, keeps the aggregation rules in one place and the kernels purely per-token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .config import LossConfig
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class TokenInputs:
+    """Per-token inputs shared by every backend; all tensors are ``[N]`` on the input's device."""
+
+    advantages: torch.Tensor  # fp32
+    agg_weight: torch.Tensor  # fp32, w_t: loss = sum_t w_t * l_t
+    mask: torch.Tensor  # fp32, m_t
+    is_expert: torch.Tensor  # bool
+    old_logprobs: Optional[torch.Tensor]  # fp32; None = ratio 1 (old = stop_grad(lp))
+    ref_logprobs: Optional[torch.Tensor]  # fp32
+    behavior_logprobs: Optional[torch.Tensor]  # fp32
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """Checks ``hidden [N, H]``, ``weight [V, H]`` and ``targets [N]`` of the fused-linear entry points."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a 2-D tensor [N, H]; got {_describe(hidden)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [V, H] (the LM head); got {_describe(weight)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden {_shape(hidden)} and weight {_shape(weight)} disagree on H: weight must be [V, {hidden.shape[1]}]"
+        )
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden must be fp32, bf16, fp16 (or fp64); got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; put both on one device")
+    check_targets(targets, hidden.shape[0], hidden.device, vocab=weight.shape[0])
+
+
+def check_logits_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor [N, V]; got {_describe(logits)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"logits must be fp32, bf16, fp16 (or fp64); got {logits.dtype}")
+    check_targets(targets, logits.shape[0], logits.device, vocab=logits.shape[1])
+
+
+def check_targets(targets: torch.Tensor, n: int, device: torch.device, vocab: int) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.shape != (n,):
+        raise ValueError(f"targets must be a tensor of shape [{n}] (one token id per row); got {_describe(targets)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 (or int32) token ids; got {targets.dtype}")
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device}; expected {device}")
+    if n and not torch.compiler.is_compiling():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"targets must lie in [0, {vocab}); got values in [{lo}, {hi}]")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{_shape(x)} {x.dtype} on {x.device}"
+    return type(x).__name__
+
+
+def _per_token(name: str, x: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor) or x.shape != (n,):
+        raise ValueError(f"{name} must be a tensor of shape [{n}] (one value per token); got {_describe(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor (fp32 log-probs); got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}; expected {device}")
+    return x.detach().float()
+
+
+def prepare_token_inputs(
+    n: int,
+    device: torch.device,
+    *,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    origin: Optional[torch.Tensor],
+    old_logprobs: Optional[torch.Tensor],
+    ref_logprobs: Optional[torch.Tensor],
+    behavior_logprobs: Optional[torch.Tensor],
+    loss_mask: Optional[torch.Tensor],
+    normalizer: Union[float, torch.Tensor, None],
+    config: LossConfig,
+) -> TokenInputs:
+    """Validates the keyword inputs and reduces them to per-token vectors (see :class:`TokenInputs`)."""
+    if not isinstance(config, LossConfig):
+        raise ValueError(f"config must be an ekipl_kernels.LossConfig; got {type(config).__name__}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [S+1] with S >= 1; got {_describe(cu_seqlens)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64; got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}; expected {device}")
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    if not torch.compiler.is_compiling():
+        if int(cu[0]) != 0 or int(cu[-1]) != n:
+            raise ValueError(f"cu_seqlens must start at 0 and end at N={n}; got {cu[0].item()} ... {cu[-1].item()}")
+        if bool((lengths < 0).any()):
+            raise ValueError("cu_seqlens must be non-decreasing (sequence s owns tokens cu_seqlens[s]:cu_seqlens[s+1])")
+    num_seqs = lengths.numel()
+    seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=n)
+
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or advantages.shape[0] not in (num_seqs, n):
+        raise ValueError(
+            f"advantages must have shape [S]=[{num_seqs}] (per sequence) or [N]=[{n}] (per token); "
+            f"got {_describe(advantages)}"
+        )
+    if advantages.device != device:
+        raise ValueError(f"advantages is on {advantages.device}; expected {device}")
+    adv = advantages.detach().float()
+    if adv.shape[0] != n:  # per sequence (when S == N both readings agree)
+        adv = adv[seq_index]
+
+    if origin is None:
+        is_expert = torch.zeros(n, dtype=torch.bool, device=device)
+    else:
+        if not isinstance(origin, torch.Tensor) or origin.shape != (n,) or origin.is_floating_point():
+            raise ValueError(f"origin must be an integer tensor of shape [{n}] (0 policy, e>0 expert e); got {_describe(origin)}")
+        if origin.device != device:
+            raise ValueError(f"origin is on {origin.device}; expected {device}")
+        is_expert = origin > 0
+
+    if loss_mask is None:
+        mask = torch.ones(n, dtype=torch.float32, device=device)
+    else:
+        if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != (n,):
+            raise ValueError(f"loss_mask must be a tensor of shape [{n}] (bool or float); got {_describe(loss_mask)}")
+        if loss_mask.device != device:
+            raise ValueError(f"loss_mask is on {loss_mask.device}; expected {device}")
+        mask = loss_mask.detach().float()
+
+    old = _per_token("old_logprobs", old_logprobs, n, device)
+    ref = _per_token("ref_logprobs", ref_logprobs, n, device)
+    beh = _per_token("behavior_logprobs", behavior_logprobs, n, device)
+    if config.needs_ref and ref is None:
+        raise ValueError(f"ref_logprobs [N]=[{n}] is required when beta > 0 (beta={config.beta})")
+    if config.needs_behavior and beh is None:
+        why = "expert_mode='is'" if config.expert_mode == "is" else f"tis_cap={config.tis_cap}"
+        raise ValueError(f"behavior_logprobs [N]=[{n}] is required with {why}")
+
+    agg_weight = mask * _aggregation_scale(mask, seq_index, lengths, num_seqs, normalizer, config)
+    return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh)
+
+
+def _aggregation_scale(
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    lengths: torch.Tensor,
+    num_seqs: int,
+    normalizer: Union[float, torch.Tensor, None],
+    config: LossConfig,
+) -> torch.Tensor:
+    """The per-token factor ``w_t / m_t`` of the chosen aggregation."""
+    norm = None
+    if normalizer is not None:
+        norm = torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device)
+        if norm.dim() != 0:
+            raise ValueError(f"normalizer must be a float or a 0-dim tensor; got shape {tuple(norm.shape)}")
+    if config.agg == "token-mean":
+        denom = mask.sum() if norm is None else norm
+        return _safe_inverse(denom).expand_as(mask)
+    if config.agg == "seq-mean-token-mean":
+        per_seq = torch.zeros(num_seqs, dtype=torch.float32, device=mask.device).index_add_(0, seq_index, mask)
+        # A sequence with no unmasked token carries no data: it neither contributes nor counts.
+        denom = (per_seq > 0).sum().float() if norm is None else norm
+        return (_safe_inverse(per_seq) * _safe_inverse(denom))[seq_index]
+    denom = torch.tensor(float(num_seqs * config.max_len), device=mask.device) if norm is None else norm * config.max_len
+    return _safe_inverse(denom).expand_as(mask)
+
+
+def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
+    """1/x, and 0 where x == 0 (an all-masked batch gives a zero loss, never NaN)."""
+    x = x.float()
+    return torch.where(x != 0, 1.0 / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))

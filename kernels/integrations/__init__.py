@@ -1,0 +1,1 @@
+"""Adapters that put the fused loss inside other RL trainers (TRL, verl)."""
