@@ -1,0 +1,80 @@
+"""Group assembly: selection rules, advantages, metrics and packing."""
+
+import random
+import statistics
+
+import pytest
+import torch
+
+from ekipl.groups import Candidate, GroupConfig, advantages_of, assemble_groups, group_metrics, select_group
+from ekipl.packing import TrainSequence, make_micro_batch
+from ekipl.rollout.base import Prompt
+
+
+def cand(reward, source=0, n=3):
+    return Candidate(token_ids=list(range(10, 10 + n)), source=source, reward=reward)
+
+
+def test_topg_keeps_the_best_and_prefers_policy_on_ties():
+    pool = [cand(0.0), cand(1.0), cand(2.0, source=1), cand(1.0, source=2), cand(0.5)]
+    chosen = select_group(pool, GroupConfig(size=3), random.Random(0))
+    assert [c.reward for c in chosen] == [2.0, 1.0, 1.0]
+    assert [c.source for c in chosen] == [1, 0, 2]  # among the 1.0s, the policy's comes first
+
+
+def test_topg_min_policy_keeps_policy_samples_even_when_worse():
+    pool = [cand(0.0), cand(0.1), cand(2.0, source=1), cand(2.0, source=1), cand(2.0, source=2)]
+    chosen = select_group(pool, GroupConfig(size=3, min_policy=1), random.Random(0))
+    assert sum(not c.from_expert for c in chosen) == 1
+    assert max(c.reward for c in chosen if not c.from_expert) == 0.1
+
+
+def test_all_and_replace():
+    pool = [cand(0.0), cand(1.0), cand(0.2), cand(2.0, source=1), cand(1.5, source=2)]
+    assert len(select_group(pool, GroupConfig(select="all"), random.Random(0))) == 5
+    chosen = select_group(pool, GroupConfig(select="replace", replace_k=1), random.Random(0))
+    assert len(chosen) == 3 and sum(c.from_expert for c in chosen) == 1
+
+
+def test_zscore_advantages_match_the_benchmark_formula():
+    rewards = [random.Random(1).random() * 2 for _ in range(8)]
+    members = [cand(r) for r in rewards]
+    adv = advantages_of(members, GroupConfig(eps=1e-4))
+    mean, std = statistics.mean(rewards), statistics.stdev(rewards)
+    assert adv == pytest.approx([(r - mean) / (std + 1e-4) for r in rewards])
+    mean_only = advantages_of(members, GroupConfig(advantage="mean"))
+    assert mean_only == pytest.approx([r - mean for r in rewards])
+
+
+def test_policy_statistics_and_zero_variance_groups():
+    members = [cand(1.0), cand(0.0), cand(2.0, source=1)]
+    adv = advantages_of(members, GroupConfig(advantage="mean", stats_from="policy"))
+    assert adv == pytest.approx([0.5, -0.5, 1.5])
+    groups = assemble_groups([[cand(1.0), cand(1.0)], members], GroupConfig(size=3), random.Random(0))
+    metrics = group_metrics(groups)
+    assert metrics["groups/zero_variance"] == 1.0
+    assert metrics["groups/action_source_ratio"] == pytest.approx(1 / 5)
+    assert groups[0].advantages == [0.0, 0.0]
+
+
+def test_invalid_group_config_names_the_key():
+    with pytest.raises(ValueError, match="group.select"):
+        GroupConfig(select="best")
+
+
+def test_micro_batch_packs_completions_and_their_hidden_positions():
+    prompts = [Prompt("a", [1, 2, 3]), Prompt("b", [4, 5])]
+    seqs = [
+        TrainSequence(prompts[0], [7, 8], origins=[0, 0], advantage=0.5),
+        TrainSequence(prompts[1], [9, 10, 11], origins=[2, 2, 0], advantage=-1.0, behavior_logprobs=[-1.0, -2.0, -3.0]),
+    ]
+    mb = make_micro_batch(seqs, pad_id=0, device=torch.device("cpu"))
+    assert mb.input_ids.tolist() == [[1, 2, 3, 7, 8], [4, 5, 9, 10, 11]]
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert mb.cu_seqlens.tolist() == [0, 2, 5]
+    assert mb.targets.tolist() == [7, 8, 9, 10, 11]
+    # the hidden state at position p-1 predicts token p; flat index = row * width + position
+    assert mb.hidden_index.tolist() == [2, 3, 5 + 1, 5 + 2, 5 + 3]
+    assert mb.input_ids.view(-1)[mb.hidden_index + 1].tolist() == mb.targets.tolist()
+    assert mb.origin.tolist() == [0, 0, 2, 2, 0]
+    assert torch.isnan(mb.behavior_logprobs[:2]).all() and mb.behavior_logprobs[2:].tolist() == [-1.0, -2.0, -3.0]
