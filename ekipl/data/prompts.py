@@ -1,0 +1,171 @@
+"""Prompts as the benchmark builds them, encoded through a Qwen-VL processor into :class:`Prompt` objects.
+
+Reason-RFT uses no system prompt: the user turn holds the image(s), then the question followed by the
+instruction of the task family (PEERS.md, "The benchmark").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from PIL import Image
+
+from ekipl.data.records import BadRecordError, Record
+from ekipl.data.tasks import COUNTING, SPATIAL, STRUCTURE, is_choice_answer, task_family
+from ekipl.rollout.base import Prompt
+
+TAGS = "Output the thinking process in <think> </think> and final answer ({what}) in <answer> </answer> tags."
+
+COUNTING_INSTRUCTION = "{question} " + TAGS.format(what="number")
+CHOICE_INSTRUCTION = "{question} " + TAGS.format(what="the letter A, B, C or D of the correct choice")
+NON_CHOICE_INSTRUCTION = "{question} " + TAGS.format(what="float number or int number")
+
+# The functions a TRANCE answer may call and the values each accepts.
+TRANCE_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "change_size": ("small", "medium", "large"),
+    "change_color": ("yellow", "gray", "cyan", "blue", "brown", "green", "red", "purple"),
+    "change_material": ("glass", "metal", "rubber"),
+    "change_shape": ("cube", "sphere", "cylinder"),
+    "change_position": (
+        "front", "behind", "left", "right", "front_left", "front_right", "behind_left", "behind_right",
+    ),
+}
+
+
+def _trance_instruction() -> str:
+    function_lines = "\n".join(
+        f"{number}. {name}(object_id, value), value one of {list(values)}"
+        for number, (name, values) in enumerate(TRANCE_FUNCTIONS.items(), start=1)
+    )
+    return (
+        "This is a spatial transformation task. The first image shows a scene in its initial state and the "
+        "second image the same scene in its final state. The question lists the initial objects as tuples "
+        "('object_id', 'shape', 'size', 'color', 'material').\n\n"
+        "Find the transformation that turns the initial state into the final state: a sequence of 1 to 4 "
+        "function calls, each written as func(object_id, value), from these functions:\n\n"
+        f"{function_lines}\n\n"
+        "A position value moves the object relative to its initial location and facing: front and behind "
+        "along its direction, left and right across it, and the four combined values diagonally.\n\n"
+        "{question} " + TAGS.format(what="the sequence of functions only")
+    )
+
+
+TRANCE_INSTRUCTION = _trance_instruction()
+
+# Processor outputs that run along the prompt's tokens rather than its images: they would not cover a completion,
+# and consumers derive them from the ids (``ekipl.models`` does for Qwen-VL's mm_token_type_ids).
+_PER_TOKEN_OUTPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+# Reason-RFT's GeoMath training rows already end with their instruction; never append a second one.
+_INSTRUCTION_MARK = "<answer> </answer> tags"
+
+
+def prompt_text(record: Record) -> str:
+    """The text of the user turn: the question followed by the instruction of the record's task family."""
+    family = task_family(record.task)
+    if family == STRUCTURE and _INSTRUCTION_MARK in record.problem:
+        return record.problem
+    if family == COUNTING:
+        template = COUNTING_INSTRUCTION
+    elif family == STRUCTURE:
+        template = CHOICE_INSTRUCTION if is_choice_answer(record.gold_answer) else NON_CHOICE_INSTRUCTION
+    elif family == SPATIAL:
+        template = TRANCE_INSTRUCTION
+    else:
+        raise AssertionError(f"no instruction for family {family!r}")
+    return template.replace("{question}", record.problem)
+
+
+def build_messages(record: Record) -> list[dict[str, Any]]:
+    """The chat: one user turn with an image placeholder per image, then the prompt text."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in record.images]
+    content.append({"type": "text", "text": prompt_text(record)})
+    return [{"role": "user", "content": content}]
+
+
+def fit_image_size(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) nearest the image's aspect ratio with both sides multiples of ``factor`` and
+    ``min_pixels <= height * width <= max_pixels`` (given ``max_pixels >= max(min_pixels, factor**2)``)."""
+    if min(height, width) < 1:
+        raise ValueError(f"image of size {width}x{height} has no pixels")
+    new_height = max(factor, round(height / factor) * factor)
+    new_width = max(factor, round(width / factor) * factor)
+    if new_height * new_width > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        new_height = max(factor, math.floor(height / scale / factor) * factor)
+        new_width = max(factor, math.floor(width / scale / factor) * factor)
+        # A very thin image has its short side held at one factor; then shrink the long side to fit.
+        if new_height * new_width > max_pixels:
+            if new_height == factor:
+                new_width = max(factor, max_pixels // (factor * factor) * factor)
+            else:
+                new_height = max(factor, max_pixels // (factor * factor) * factor)
+    elif new_height * new_width < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        new_height = math.ceil(height * scale / factor) * factor
+        new_width = math.ceil(width * scale / factor) * factor
+    return new_height, new_width
+
+
+def load_image(path: str, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Decode an image as RGB, resized so the processor leaves it unchanged and its token count is known."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    height, width = fit_image_size(
+        image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    if (height, width) != (image.height, image.width):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
+
+
+def encode_prompt(processor, record: Record, *, max_pixels: int, max_prompt_len: int) -> Prompt:
+    """Chat-template ``record`` and run ``processor`` (a Qwen2-VL / Qwen2.5-VL processor) on it.
+
+    Images are resized to at most ``max_pixels`` pixels (and no more than the image processor's own cap),
+    sides multiples of the vision patch × merge size, so ``Prompt.images`` are exactly the pixels behind the
+    image tokens. A prompt longer than ``max_prompt_len`` tokens raises: cutting it would cut image tokens.
+    An image that fails to decode raises :class:`BadRecordError` naming the record's row.
+    """
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    min_pixels = image_processor.size["shortest_edge"]
+    max_pixels = min(max_pixels, image_processor.size["longest_edge"])
+    if max_pixels < max(min_pixels, factor * factor):
+        raise ValueError(f"max_pixels={max_pixels} is below the processor's minimum image size ({min_pixels} pixels)")
+    try:
+        images = [
+            load_image(path, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels) for path in record.images
+        ]
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadRecordError(f"{record.source or record.id}: cannot decode an image ({error})") from error
+
+    text = processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+    encoded = processor(
+        text=[text], images=images, min_pixels=min_pixels, max_pixels=max_pixels, return_tensors="pt"
+    )
+    input_ids = encoded["input_ids"][0].tolist()
+    if len(input_ids) > max_prompt_len:
+        image_tokens = input_ids.count(processor.image_token_id)
+        raise ValueError(
+            f"prompt of record {record.id!r} ({record.source}) has {len(input_ids)} tokens "
+            f"({image_tokens} of them image tokens), over max_prompt_len={max_prompt_len}; it is never "
+            "truncated: raise max_prompt_len or lower max_pixels"
+        )
+    mm_inputs = {name: value for name, value in encoded.items() if name not in _PER_TOKEN_OUTPUTS}
+    return Prompt(uid=record.id, input_ids=input_ids, images=images, mm_inputs=mm_inputs)
+
+
+def decode_completion(tokenizer, token_ids: list[int]) -> str:
+    """The text of a sampled completion, without the stop token(s) that end it.
+
+    Other special tokens are kept: a model may have ``<think>`` or ``<answer>`` as special tokens, and the
+    rewards must see them.
+    """
+    stop_tokens = {"<|im_end|>", "<|endoftext|>"} & set(tokenizer.all_special_tokens)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, *tokenizer.convert_tokens_to_ids(sorted(stop_tokens))}
+    ids = list(token_ids)
+    while ids and ids[-1] in stop_ids:
+        ids.pop()
+    return tokenizer.decode(ids, skip_special_tokens=False)
