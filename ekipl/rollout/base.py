@@ -55,8 +55,30 @@ class SyncStats:
     seconds: float
 
 
+@dataclass
+class GenerateStats:
+    """What one ``generate`` call did: tokens in and out, how many prompt tokens came from a prefix cache."""
+
+    prompts: int
+    samples: int
+    prompt_tokens: int  # prompt tokens over all samples, as if each sample were prefilled on its own
+    cached_prompt_tokens: int  # of those, the ones served from a cache instead of being prefilled
+    completion_tokens: int
+    seconds: float
+
+    @property
+    def completion_tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
 class RolloutEngine(Protocol):
     """What the trainer and the expert pool need from a generator."""
+
+    last_stats: GenerateStats | None  # the most recent ``generate`` call's counts and time
 
     def generate(
         self,
@@ -85,3 +107,17 @@ class RolloutEngine(Protocol):
 
     def shutdown(self) -> None:
         ...
+
+
+def check_generate_args(prompts: Sequence[Prompt], n: int, seeds: Sequence[Sequence[int]]) -> None:
+    """Raise unless ``seeds`` holds one list of ``n`` distinct seeds per prompt (the contract of ``generate``)."""
+    if n < 1:
+        raise ValueError(f"n={n}: each prompt needs at least one sample")
+    if len(seeds) != len(prompts) or any(len(group) != n for group in seeds):
+        shape = [len(group) for group in seeds]
+        raise ValueError(
+            f"seeds must hold one list of n={n} seeds per prompt ({len(prompts)} prompts); got lengths {shape}"
+        )
+    for group in seeds:
+        if len(set(group)) != len(group):
+            raise ValueError(f"seeds within a group must differ, or its samples repeat each other: got {list(group)}")

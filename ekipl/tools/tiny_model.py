@@ -1,0 +1,230 @@
+"""Build a tiny, randomly initialised Qwen2.5-VL that loads like any real checkpoint.
+
+The model exists so that everything in ekipl (rollouts, the learner, the fused loss, training end to end)
+runs on a laptop CPU and in CI without downloading weights: a few hundred thousand parameters, a byte-level
+BPE tokenizer trained offline on the task's own text (with Qwen's chat and vision special tokens, and the
+reasoning tags as single tokens), the PIL Qwen2-VL image processor sized for small images, and a
+Qwen-style chat template. Everything is saved with ``save_pretrained``.
+
+    python -m ekipl.tools.tiny_model OUT_DIR [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+# Qwen's chat and vision tokens, then the reasoning tags: single tokens make the format easy to learn.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+)
+TOKENIZER_VOCAB_SIZE = 1024
+IMAGE_SIDE = 112  # images are resized to at most IMAGE_SIDE x IMAGE_SIDE: 16 image tokens each
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+
+# Qwen2-VL's template without the default system prompt: Reason-RFT puts the instruction in the user turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs, whitespace.
+_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def benchmark_corpus() -> list[str]:
+    """Text in the shape of Reason-RFT's prompts and answers (counting, geometry, TRANCE edits)."""
+    colors = ("yellow", "gray", "cyan", "blue", "brown", "green", "red", "purple")
+    shapes = ("cube", "sphere", "cylinder")
+    materials = ("glass", "metal", "rubber")
+    sizes = ("small", "medium", "large")
+    positions = ("front", "behind", "left", "right", "front_left", "front_right", "behind_left", "behind_right")
+    lines = []
+    for color, shape, size in itertools.product(colors, shapes, sizes):
+        lines.append(
+            f"How many {size} {color} {shape}s are there? Output the thinking process in <think> </think> "
+            "and final answer (number) in <answer> </answer> tags."
+        )
+        lines.append(f"Subtract all {color} {shape}s. How many objects are left?")
+    for count in range(12):
+        lines.append(f"<think>I count the objects one by one: there are {count} of them.</think> <answer>{count}</answer>")
+    for letter, value in zip("ABCD", ("12", "3.5", "60", "24")):
+        lines.append(
+            f"Find the angle. Choices: A. 30 B. 45 C. 60 D. 90 Answer with the option's letter (A, B, C or D). "
+            f"<think>The triangle is equilateral.</think> <answer>{letter}</answer> "
+            f"Give a float number or int number. <answer>{value}</answer>"
+        )
+    for attr, values in (("size", sizes), ("color", colors), ("material", materials), ("shape", shapes),
+                         ("position", positions)):
+        lines.append(" ".join(f"change_{attr}({obj}, '{value}')" for obj, value in enumerate(values)))
+    return lines
+
+
+def training_corpus() -> list[str]:
+    """The text the tokenizer learns from: the benchmark's shapes plus the synthetic task's own text."""
+    try:
+        from ekipl.data.synthetic import tokenizer_corpus
+    except ImportError:  # the synthetic task is optional for the tokenizer; the benchmark text suffices
+        return benchmark_corpus()
+    return benchmark_corpus() + list(tokenizer_corpus())
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE):
+    """Train a byte-level BPE tokenizer offline and wrap it as a transformers fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=4096,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def build_image_processor():
+    """The PIL Qwen2-VL image processor (no torchvision), capped at IMAGE_SIDE x IMAGE_SIDE pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    factor = PATCH_SIZE * MERGE_SIZE
+    # ``size`` is passed whole: the class mutates its shared default dict when given min/max_pixels.
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": factor * factor, "longest_edge": IMAGE_SIDE * IMAGE_SIDE},
+        patch_size=PATCH_SIZE,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+    )
+
+
+def build_config(tokenizer):
+    """A Qwen2.5-VL config of about a million parameters, with ids taken from ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig
+
+    token_id = tokenizer.convert_tokens_to_ids
+    text_hidden, heads = 128, 4
+    head_dim = text_hidden // heads
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            # mrope splits each head's rotary half-dimension into (temporal, height, width) sections.
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+            bos_token_id=token_id("<|endoftext|>"),
+            eos_token_id=token_id("<|im_end|>"),
+            pad_token_id=token_id("<|endoftext|>"),
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=PATCH_SIZE,
+            spatial_merge_size=MERGE_SIZE,
+            temporal_patch_size=2,
+            window_size=IMAGE_SIDE,
+            fullatt_block_indexes=[1],
+            out_hidden_size=text_hidden,
+        ),
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def save_image_only_processor(out: Path, image_processor, tokenizer) -> None:
+    """Save a Qwen2.5-VL processor without a video processor, in the layout ``AutoProcessor`` reads.
+
+    The stock processor cannot be built without torchvision (its video processor needs it), so its parts are
+    written one by one: image processor, tokenizer, chat template and the processor class name.
+    """
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2))
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-VL, its processor and generation config to ``out_dir``; return the path."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(training_corpus())
+    config = build_config(tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=1.0
+    )
+    model.save_pretrained(out)
+    save_image_only_processor(out, build_image_processor(), tokenizer)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="folder to write the model into (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    path = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"tiny Qwen2.5-VL written to {path}")
+
+
+if __name__ == "__main__":
+    main()
