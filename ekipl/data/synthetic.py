@@ -59,7 +59,10 @@ class Scene:
     subtract: tuple[dict[str, str], ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"objects": [asdict(obj) for obj in self.objects], "subtract": [dict(group) for group in self.subtract]}
+        return {
+            "objects": [asdict(obj) for obj in self.objects],
+            "subtract": [dict(group) for group in self.subtract],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Scene":
@@ -105,9 +108,12 @@ def scene_answer(scene: Scene) -> int:
 
 def random_scene(rng: random.Random) -> Scene:
     """A scene with 3–6 objects: a plain count (1 in 5), one subtraction (3 in 5) or two (1 in 5)."""
-    cells = rng.sample([(row, col) for row in range(GRID) for col in range(GRID)], rng.randint(MIN_OBJECTS, MAX_OBJECTS))
+    all_cells = [(row, col) for row in range(GRID) for col in range(GRID)]
+    cells = rng.sample(all_cells, rng.randint(MIN_OBJECTS, MAX_OBJECTS))
     objects = tuple(
-        SceneObject(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=rng.choice(list(SIZES)), row=row, col=col)
+        SceneObject(
+            shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=rng.choice(list(SIZES)), row=row, col=col
+        )
         for row, col in cells
     )
     n_groups = rng.choices((0, 1, 2), weights=(1, 3, 1))[0]
@@ -162,7 +168,9 @@ def _objects_phrase(count: int, name: str) -> str:
     return f"{count} {name}" if count != 1 else f"1 {name[:-1]}"
 
 
-def oracle_answer(record_or_scene: Record | Scene | dict[str, Any], *, error_rate: float = 0.0, rng: random.Random | None = None) -> str:
+def oracle_answer(
+    record_or_scene: Record | Scene | dict[str, Any], *, error_rate: float = 0.0, rng: random.Random | None = None
+) -> str:
     """A benchmark-style answer, ``<think>...</think>\\n<answer>N</answer>``, worked out from the scene.
 
     With probability ``error_rate`` the oracle miscounts one step by one (the total or one subtracted
@@ -272,6 +280,9 @@ def tokenizer_corpus(n_scenes: int = 400, seed: int = 0) -> list[str]:
     texts = []
     for index in range(n_scenes):
         row, scene = synthetic_row("corpus", index, seed)
-        record = Record(id=row["id"], task=SYNTHETIC_TASK, images=(row["image"],), problem=row["problem"], solution=row["solution"])
-        texts += [prompt_text(record), row["problem"], oracle_answer(scene), oracle_answer(scene, error_rate=1.0, rng=rng)]
+        record = Record(
+            id=row["id"], task=SYNTHETIC_TASK, images=(row["image"],), problem=row["problem"], solution=row["solution"]
+        )
+        wrong = oracle_answer(scene, error_rate=1.0, rng=rng)
+        texts += [prompt_text(record), row["problem"], oracle_answer(scene), wrong]
     return texts
