@@ -1,0 +1,59 @@
+"""The three ``ekipl::`` ops on top of the kernels, with the ops' signatures and return conventions
+(outputs that were not asked for are empty tensors)."""
+
+from __future__ import annotations
+
+import torch
+
+from .linear_loss import fused_linear_loss, schedule_from_env
+from .linear_stats import linear_stats
+from .logits_loss import logits_loss
+from .token_finish import token_finish
+from .token_loss import token_args
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return like.new_empty(0, dtype=dtype or like.dtype)
+
+
+def _inv_tau(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    return 1.0 / temperature
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
+                           behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
+                           expert_mode, shaping_gamma, tis_cap, need_entropy, grad_hidden, grad_weight):
+    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
+                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
+    n = hidden.shape[0]
+    if n == 0:
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return (zero, _empty(hidden, torch.float32), _empty(hidden, torch.float32),
+                torch.zeros_like(hidden) if grad_hidden else _empty(hidden),
+                torch.zeros_like(weight) if grad_weight else _empty(weight))
+    loss, lp, ent, d_hidden, d_weight = fused_linear_loss(
+        hidden.detach(), weight.detach(), targets, tok, _inv_tau(temperature), grad_hidden, grad_weight,
+        schedule_from_env(),
+    )
+    return (loss, lp, ent if need_entropy else _empty(lp), _empty(hidden) if d_hidden is None else d_hidden,
+            _empty(weight) if d_weight is None else d_weight)
+
+
+def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
+              eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma,
+              tis_cap, need_entropy, grad_logits):
+    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
+                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
+    logits = logits.detach()
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_logits else None
+    out = logits_loss(logits, targets, tok, _inv_tau(temperature), grad=grad)
+    return (out["loss"].sum(), out["logprobs"], out["entropy"] if need_entropy else _empty(out["logprobs"]),
+            _empty(logits) if grad is None else grad)
+
+
+def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy):
+    inv_tau = _inv_tau(temperature)
+    stats = token_finish(linear_stats(hidden.detach(), weight.detach(), targets, inv_tau), inv_tau)
+    return stats["logprobs"], stats["entropy"] if need_entropy else _empty(stats["logprobs"])

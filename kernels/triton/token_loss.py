@@ -1,0 +1,126 @@
+"""The per-token GRPO loss and its derivative, for kernels; the host side packs its arguments.
+
+``token_loss`` mirrors :func:`ekipl_kernels.reference.token_losses` term by term (same clip, dual clip,
+TIS and expert-mode rules), returning ``l_t`` and ``dl_t/dlp_t``; ``dl_t/dH_t`` is ``-entropy_coef``.
+Switches are run-time scalars rather than constexprs, so one compiled kernel serves every config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Integer switches that Triton must not specialise on (a value of 1 would compile another variant).
+TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode"]
+
+
+@dataclass
+class TokenArgs:
+    """Per-token vectors ``[N]`` and the loss scalars, as the kernels take them (see ``ops.config_scalars``)."""
+
+    advantages: torch.Tensor
+    agg_weight: torch.Tensor
+    is_expert: torch.Tensor
+    old_logprobs: Optional[torch.Tensor]
+    ref_logprobs: Optional[torch.Tensor]
+    behavior_logprobs: Optional[torch.Tensor]
+    eps_low: float
+    eps_high: float
+    dual_clip: float
+    beta: float
+    kl_kind: int
+    entropy_coef: float
+    expert_mode: int
+    shaping_gamma: float
+    tis_cap: float
+
+    def __post_init__(self) -> None:
+        n = self.advantages.shape[0]
+        for name in ("advantages", "agg_weight", "is_expert", "old_logprobs", "ref_logprobs", "behavior_logprobs"):
+            vec = getattr(self, name)
+            if vec is not None and vec.shape != (n,):
+                raise ValueError(f"{name} must have shape [{n}] like advantages; got {tuple(vec.shape)}")
+        if self.beta > 0 and self.ref_logprobs is None:
+            raise ValueError(f"ref_logprobs is required when beta > 0 (beta={self.beta})")
+        if (self.expert_mode == 1 or self.tis_cap > 0) and self.behavior_logprobs is None:
+            raise ValueError("behavior_logprobs is required with expert_mode=1 ('is') or tis_cap > 0")
+        if self.kl_kind not in (1, 2, 3) or self.expert_mode not in (0, 1, 2):
+            raise ValueError(f"kl_kind must be 1/2/3 and expert_mode 0/1/2; got {self.kl_kind}, {self.expert_mode}")
+
+    def rows(self, start: int, stop: int) -> "TokenArgs":
+        """The same arguments for tokens ``start:stop`` (views, no copies)."""
+        cut = lambda v: None if v is None else v[start:stop]  # noqa: E731
+        return TokenArgs(**{**self.__dict__, **{k: cut(v) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}})
+
+    def kernel_args(self) -> tuple:
+        """Positional arguments matching ``load_token_loss`` after ``rows, row_ok, lp, ent``."""
+        vec = lambda v: self.advantages if v is None else v  # noqa: E731  (never read when absent)
+        return (
+            self.advantages, self.agg_weight, self.is_expert.view(torch.uint8), vec(self.old_logprobs),
+            vec(self.ref_logprobs), vec(self.behavior_logprobs), int(self.old_logprobs is not None),
+            float(self.eps_low), float(self.eps_high), float(self.dual_clip), float(self.beta), int(self.kl_kind),
+            float(self.entropy_coef), int(self.expert_mode), float(self.shaping_gamma), float(self.tis_cap),
+        )
+
+
+def token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low, eps_high,
+               dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap) -> TokenArgs:
+    """:class:`TokenArgs` from the ``ekipl::`` op arguments: fp32 contiguous vectors, bool flags."""
+    vec = lambda v: None if v is None else v.detach().float().contiguous()  # noqa: E731
+    return TokenArgs(
+        vec(advantages), vec(agg_weight), is_expert.detach().bool().contiguous(), vec(old_logprobs), vec(ref_logprobs),
+        vec(behavior_logprobs), eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode,
+        shaping_gamma, tis_cap,
+    )
+
+
+@triton.jit
+def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
+               entropy_coef, expert_mode, shaping_gamma, tis_cap):
+    """``(l_t, dl_t/dlp_t)`` for vectors of tokens; see DESIGN.md, "The loss (normative)"."""
+    old = tl.where(has_old != 0, old, lp)  # no old log-probs: old = stop_grad(lp), ratio 1
+    ratio = tl.exp(lp - tl.where(is_expert & (expert_mode == 1), beh, old))
+    unclipped = -ratio * adv
+    clipped = -tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
+    pg = tl.maximum(unclipped, clipped)
+    d_pg = tl.where(clipped > unclipped, 0.0, -adv * ratio)  # the clamp is flat where it wins
+    cap = -dual_clip * adv
+    dual = (dual_clip > 0) & (adv < 0) & (cap < pg)
+    pg = tl.where(dual, cap, pg)
+    d_pg = tl.where(dual, 0.0, d_pg)
+    # Truncated importance weight on policy tokens only, not differentiated.
+    tis = tl.where(tis_cap > 0, tl.minimum(tl.exp(old - beh), tis_cap), 1.0)
+    pg = tl.where(is_expert, pg, pg * tis)
+    d_pg = tl.where(is_expert, d_pg, d_pg * tis)
+    prob = tl.exp(lp)
+    denom = prob + shaping_gamma
+    shaped = is_expert & (expert_mode == 2)
+    pg = tl.where(shaped, -adv * prob / denom, pg)
+    d_pg = tl.where(shaped, -adv * shaping_gamma * prob / (denom * denom), d_pg)
+    d = ref - lp
+    exp_d = tl.exp(d)
+    kl = tl.where(kl_kind == 1, -d, tl.where(kl_kind == 2, 0.5 * d * d, exp_d - d - 1.0))
+    d_kl = tl.where(kl_kind == 1, 1.0, tl.where(kl_kind == 2, -d, 1.0 - exp_d))
+    loss = pg + tl.where(beta > 0, beta * kl, 0.0)  # where, not a product: ref may be absent when beta = 0
+    d_lp = d_pg + tl.where(beta > 0, beta * d_kl, 0.0)
+    loss = tl.where(entropy_coef != 0, loss - entropy_coef * ent, loss)
+    return loss, d_lp
+
+
+@triton.jit
+def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low,
+                    eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap):
+    """Loads the token inputs of ``rows`` and returns ``(w_t, l_t, dl_t/dlp_t)``."""
+    adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    is_expert = tl.load(expert_ptr + rows, mask=row_ok, other=0) != 0
+    old = tl.load(old_ptr + rows, mask=row_ok & (has_old != 0), other=0.0)
+    ref = tl.load(ref_ptr + rows, mask=row_ok & (beta > 0), other=0.0)
+    beh = tl.load(beh_ptr + rows, mask=row_ok & ((expert_mode == 1) | (tis_cap > 0)), other=0.0)
+    loss, d_lp = token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta,
+                            kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
+    return w, loss, d_lp

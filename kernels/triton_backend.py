@@ -1,0 +1,165 @@
+"""The Triton backend (see :mod:`.backend_api`): CUDA tensors go through the ``ekipl::`` ops, whose CUDA
+kernels this module registers; other tensors run the very same kernels in Triton's interpreter.
+
+``triton.jit`` fixes at decoration time whether a kernel is compiled or interpreted, so the kernel
+package ``kernels/triton/`` is kept twice when both are needed: the ordinary import, and a second copy
+loaded under another module name with the interpreter switched on only while it is decorated. CPU
+tests therefore need no ``TRITON_INTERPRET`` in the environment and cannot disturb GPU runs in the
+same process (nor be disturbed by them). With ``TRITON_INTERPRET=1`` set, the ordinary import is the
+interpreted one and serves every device.
+
+Knobs (read at each call): ``EKIPL_TRITON_SCHEDULE`` = ``rows`` (default, fastest) or ``vocab`` (least
+memory), ``EKIPL_TRITON_CHUNK_MB`` (logits scratch; see ``kernels/triton/linear_loss.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import ops
+from .backend_api import FusedResult
+from .backends import BackendUnavailable
+from .config import LossConfig
+from .inputs import TokenInputs
+
+try:
+    import triton
+except ImportError as exc:  # the backend reports it through ensure_available
+    triton = None
+    _IMPORT_ERROR = exc
+
+_PACKAGE_DIR = Path(__file__).with_name("triton")
+_packages: dict[bool, ModuleType] = {}
+
+
+def ensure_available() -> None:
+    if triton is None:
+        raise BackendUnavailable(f"triton is not importable ({_IMPORT_ERROR}); pip install triton")
+
+
+def kernel_package(interpreted: bool) -> ModuleType:
+    """The kernel package whose kernels are interpreted (``True``) or compiled (``False``)."""
+    ensure_available()
+    if interpreted not in _packages:
+        main = importlib.import_module(".triton", __package__)
+        _packages.setdefault(main.tuning.INTERPRET, main)
+    if interpreted not in _packages:
+        _packages[interpreted] = _load_copy(interpreted)
+    return _packages[interpreted]
+
+
+def _load_copy(interpreted: bool) -> ModuleType:
+    name = f"{__package__}._triton_{'interpreted' if interpreted else 'compiled'}"
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpreted
+        spec = importlib.util.spec_from_file_location(
+            name, _PACKAGE_DIR / "__init__.py", submodule_search_locations=[str(_PACKAGE_DIR)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+                del sys.modules[loaded]
+            raise
+    return module
+
+
+@contextlib.contextmanager
+def _library_interpretable():
+    """Lets Triton's own library functions (``tl.sum``, ``tl.zeros``...) run inside interpreted kernels.
+
+    They are jit functions decorated when triton itself was imported; unless that import was
+    interpreted, calling one from Python raises. While interpreted kernels run, such a call interprets
+    the function instead. Compiled kernels never call a jit function from Python (the code generator
+    inlines them), so they are unaffected.
+    """
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(triton.language.standard.sum, JITFunction):
+        yield
+        return
+    compiled_call = JITFunction.__call__
+    JITFunction.__call__ = lambda self, *args, **kwargs: _as_interpreted(self)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = compiled_call
+
+
+_interpreted_library: dict[int, tuple] = {}  # id -> (jit function, its interpreted twin); jit functions don't hash
+
+
+def _as_interpreted(jit_function):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    entry = _interpreted_library.get(id(jit_function))
+    if entry is None or entry[0] is not jit_function:
+        entry = _interpreted_library[id(jit_function)] = (jit_function, InterpretedFunction(jit_function.fn))
+    return entry[1]
+
+
+def _for(tensor: torch.Tensor, op_name: str):
+    """The op for CUDA tensors (dispatching to the kernels registered below), the interpreted kernels otherwise."""
+    if tensor.is_cuda:
+        return getattr(torch.ops.ekipl, op_name)
+    interpreted = getattr(kernel_package(interpreted=True), op_name)
+
+    def run(*args, **kwargs):
+        with _library_interpretable():
+            return interpreted(*args, **kwargs)
+
+    return run
+
+
+def _token_vectors(tok: TokenInputs) -> tuple:
+    return tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs, tok.ref_logprobs, tok.behavior_logprobs
+
+
+def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden,
+                grad_weight) -> FusedResult:
+    loss, lp, ent, d_hidden, d_weight = _for(hidden, "fused_linear_grpo_loss")(
+        hidden.detach(), weight.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config),
+        need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
+    )
+    return FusedResult(loss, lp, ent if need_entropy else None, d_hidden if grad_hidden else None,
+                       d_weight if grad_weight else None)
+
+
+def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits) -> FusedResult:
+    loss, lp, ent, d_logits = _for(logits, "grpo_loss")(
+        logits.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config), need_entropy=need_entropy,
+        grad_logits=grad_logits,
+    )
+    return FusedResult(loss, lp, ent if need_entropy else None, d_logits if grad_logits else None, None)
+
+
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool):
+    lp, ent = _for(hidden, "fused_linear_logprobs")(hidden, weight, targets, temperature, return_entropy)
+    return lp, ent if return_entropy else None
+
+
+def _register_cuda_kernels() -> None:
+    """CUDA implementations of the ``ekipl::`` ops (the C++ library registers the CPU ones)."""
+
+    def compiled():
+        return kernel_package(interpreted=False)
+
+    torch.library.register_kernel("ekipl::fused_linear_grpo_loss", "cuda",
+                                  lambda *args, **kwargs: compiled().fused_linear_grpo_loss(*args, **kwargs))
+    torch.library.register_kernel("ekipl::grpo_loss", "cuda",
+                                  lambda *args, **kwargs: compiled().grpo_loss(*args, **kwargs))
+    torch.library.register_kernel("ekipl::fused_linear_logprobs", "cuda",
+                                  lambda *args, **kwargs: compiled().fused_linear_logprobs(*args, **kwargs))
+
+
+if triton is not None:
+    _register_cuda_kernels()
