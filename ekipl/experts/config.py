@@ -1,8 +1,8 @@
 """Typed configs of the expert pool: one :class:`ExpertConfig` per expert, and the pool's own knobs.
 
 Both are frozen dataclasses, built from YAML by ``ekipl.config_loader.from_dict`` (nested in the trainer's
-config, or alone by ``python -m ekipl.experts.generate``). Every value is checked when the dataclass is built, so a bad config fails
-at start-up, naming the expert and the key.
+config, or alone by ``python -m ekipl.experts.generate``). Every value is checked when the dataclass is
+built, so a bad config fails at start-up, naming the expert and the key.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ class ExpertConfig:
     """One external generator.
 
     name: unique label, used in metrics and in the answer cache's key.
-    kind: "sglang" (an SGLang-served model: in-process engine from ``model``, or the server at
-        ``base_url``), "openai" (any OpenAI-compatible chat-completions endpoint at ``base_url``),
+    kind: "sglang" (an SGLang-served model: the server at ``base_url``, or an in-process engine),
+        "openai" (any OpenAI-compatible chat-completions endpoint at ``base_url``),
         "cache" (answers precomputed by ``python -m ekipl.experts.generate``, read from ``path``), or
         "oracle" (the synthetic task's solver, wrong with probability ``error_rate``).
     k: answers per prompt.
-    model: the model name sent to an OpenAI-compatible endpoint, or the local model folder of an SGLang
-        expert (its processor encodes prompts when ``same_tokenizer`` is false).
+    model: the model name sent to an OpenAI-compatible endpoint, or the local folder of an SGLang expert's
+        model (at least its config and processor: they encode its prompts and decode its answers).
     base_url: the endpoint, e.g. "https://api.openai.com/v1" or "http://127.0.0.1:30000" (SGLang).
     api_key_env: the name of the environment variable that holds the API key (the key itself never
         appears in a config, a log or a cache file); None sends a placeholder key (local servers).
@@ -80,8 +80,11 @@ class ExpertConfig:
             raise ValueError(f"{where}: error_rate={self.error_rate} is invalid: expected a value in [0, 1]")
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError(f"{where}: an openai expert needs base_url and model (the endpoint's model name)")
-        if self.kind == "sglang" and not (self.base_url or self.model):
-            raise ValueError(f"{where}: an sglang expert needs base_url (a server) or model (a local folder)")
+        if self.kind == "sglang" and not self.model:
+            raise ValueError(
+                f"{where}: an sglang expert needs model, the local folder of the served model's config and "
+                "tokenizer (plus base_url for a running server; without it an in-process engine is launched)"
+            )
         if self.kind == "cache" and not self.path:
             raise ValueError(f"{where}: a cache expert needs path, the JSONL file written by ekipl.experts.generate")
 
