@@ -297,6 +297,16 @@ def test_names_map_from_transformers_to_sglang():
     assert transformers_to_sglang_name("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
 
 
+def test_mapped_names_are_the_checkpoint_names_sglang_loads(tiny_model_dir, policy):
+    """SGLang loads the checkpoint layout; transformers saves it, so the mapping must reproduce its keys."""
+    from safetensors import safe_open
+
+    with safe_open(tiny_model_dir / "model.safetensors", "pt") as checkpoint:
+        saved = set(checkpoint.keys())
+    mapped = {transformers_to_sglang_name(name) for name, _ in policy.named_parameters()}
+    assert mapped == saved
+
+
 def test_buckets_are_filled_greedily_and_lazily():
     generator = torch.Generator().manual_seed(0)
     sizes = torch.randint(1, 60, (40,), generator=generator).tolist() + [500]
@@ -320,3 +330,38 @@ def test_buckets_are_filled_greedily_and_lazily():
         assert filled <= 400 and filled + tensor_bytes(following[0][1]) > 400
     with pytest.raises(ValueError, match="positive"):
         list(buckets_of(tensors, 0))
+
+
+# ---- the real thing, where a GPU and sglang are present -------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("sglang") is None, reason="needs CUDA and sglang"
+)
+def test_real_sglang_engine_samples_syncs_and_releases(tiny_model_dir, processor, prompts):
+    learner = load_policy(tiny_model_dir, dtype=torch.bfloat16, device="cuda")
+    engine = SGLangEngine.launch(SGLangLaunchArgs(model_path=str(tiny_model_dir), mem_fraction_static=0.3))
+    try:
+        sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16)
+        groups = engine.generate(prompts, 4, sampling, [[1, 2, 3, 4], [5, 6, 7, 8]])
+        assert engine.last_stats.prefix_hit_rate > 0.5
+        cpu_model = load_policy(tiny_model_dir)
+        for prompt, group in zip(prompts, groups):
+            for completion in group:
+                ids = torch.tensor([prompt.input_ids + completion.token_ids])
+                with torch.no_grad():
+                    logits = cpu_model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       mm_token_type_ids=(ids == cpu_model.config.image_token_id).int(),
+                                       **prompt.mm_inputs).logits[0, len(prompt.input_ids) - 1 : -1]
+                expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+                assert (torch.tensor(completion.logprobs) - expected).abs().mean() < 0.05  # bf16 engine vs fp32
+        with torch.no_grad():
+            for parameter in learner.parameters():
+                parameter.mul_(-1)  # a different policy, surely
+        engine.release_memory()
+        stats = engine.update_weights(learner.named_parameters())
+        assert stats.bytes == sum(p.numel() * p.element_size() for p in learner.parameters()) and stats.buckets >= 1
+        after = engine.generate(prompts, 4, sampling, [[1, 2, 3, 4], [5, 6, 7, 8]])
+        assert token_lists(after) != token_lists(groups)
+    finally:
+        engine.shutdown()

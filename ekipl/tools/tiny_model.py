@@ -1,7 +1,7 @@
 """Build a tiny, randomly initialised Qwen2.5-VL that loads like any real checkpoint.
 
 The model exists so that everything in ekipl (rollouts, the learner, the fused loss, training end to end)
-runs on a laptop CPU and in CI without downloading weights: a few hundred thousand parameters, a byte-level
+runs on a laptop CPU and in CI without downloading weights: about 0.7M parameters, a byte-level
 BPE tokenizer trained offline on the task's own text (with Qwen's chat and vision special tokens, and the
 reasoning tags as single tokens), the PIL Qwen2-VL image processor sized for small images, and a
 Qwen-style chat template. Everything is saved with ``save_pretrained``.
@@ -141,11 +141,12 @@ def build_image_processor():
 
 
 def build_config(tokenizer):
-    """A Qwen2.5-VL config of about a million parameters, with ids taken from ``tokenizer``."""
+    """A Qwen2.5-VL config of about 0.7M parameters, with ids taken from ``tokenizer``."""
     from transformers import Qwen2_5_VLConfig
 
     token_id = tokenizer.convert_tokens_to_ids
-    text_hidden, heads = 128, 4
+    # Heads of 64 dims: the smallest size every SGLang attention backend (FlashInfer, FA3, Triton) serves.
+    text_hidden, heads = 128, 2
     head_dim = text_hidden // heads
     return Qwen2_5_VLConfig(
         text_config=dict(
@@ -154,7 +155,7 @@ def build_config(tokenizer):
             intermediate_size=384,
             num_hidden_layers=2,
             num_attention_heads=heads,
-            num_key_value_heads=2,
+            num_key_value_heads=1,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
             # mrope splits each head's rotary half-dimension into (temporal, height, width) sections.
@@ -169,7 +170,7 @@ def build_config(tokenizer):
             depth=2,
             hidden_size=64,
             intermediate_size=128,
-            num_heads=2,
+            num_heads=1,
             patch_size=PATCH_SIZE,
             spatial_merge_size=MERGE_SIZE,
             temporal_patch_size=2,
