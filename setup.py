@@ -60,7 +60,8 @@ setup(
         "gpu": ["triton>=3.2", "liger-kernel>=0.6", "flash-attn>=2.6"],
         "sglang": ["sglang>=0.5.18"],
         "train": TRAIN,
-        "dev": TRAIN + ["triton==3.7.1", "pytest>=8", "hypothesis>=6", "trl>=0.20", "liger-kernel>=0.6"],
+        "trl": ["trl>=1.16,<1.17", "datasets"],
+        "dev": TRAIN + ["triton==3.7.1", "pytest>=8", "hypothesis>=6", "trl>=1.16,<1.17", "datasets", "liger-kernel>=0.6"],
     },
     cmdclass={"build_py": BuildPyWithOps},
 )

@@ -106,3 +106,14 @@ def plot_curves(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("rew
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory on CUDA; peak resident memory of the process elsewhere."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -1,0 +1,444 @@
+"""EKIPL training: GRPO whose groups mix the policy's own answers with external experts' answers.
+
+    deepspeed ekipl/train.py --config configs/tiny_cpu.yaml [--section.key=value ...]
+    python ekipl/train.py --config configs/tiny_cpu.yaml          # one process, no launcher
+
+One step (``Trainer.step``), top to bottom: sample prompts -> ask the experts (in the background) ->
+policy rollout -> rewards -> collect expert answers -> assemble groups -> old/ref log-probs -> update ->
+weight sync -> metrics. Everything else here is setup, checkpoints and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # run as a script: don't let ekipl/'s modules shadow top-level packages
+
+import torch
+
+
+def _prepare_environment() -> torch.device:
+    """CPU ranks use DeepSpeed's CPU accelerator with gloo; a launcher-less run is a world of one."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+from ekipl import checkpoint  # noqa: E402
+from ekipl.config import TrainConfig, load_config  # noqa: E402
+from ekipl.config_loader import ConfigError, load_yaml, to_dict  # noqa: E402
+from ekipl.data import BadRecordError, Record, decode_completion, encode_prompt, load_records  # noqa: E402
+from ekipl.experts.pool import ExpertPool  # noqa: E402
+from ekipl.experts.prefix import guided_completion, prefixed_prompts  # noqa: E402
+from ekipl.groups import Candidate, assemble_groups, group_metrics  # noqa: E402
+from ekipl.learner import Learner, NonFiniteLossError  # noqa: E402
+from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves  # noqa: E402
+from ekipl.packing import TrainSequence  # noqa: E402
+from ekipl.rewards import RewardSet  # noqa: E402
+from ekipl.rollout.base import Prompt, SamplingParams  # noqa: E402
+from ekipl.sampler import PromptSampler  # noqa: E402
+
+
+def sample_seed(*parts: object) -> int:
+    """A distinct 31-bit seed per (run seed, step, prompt, sample): no collisions inside a group."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def read_deepspeed_config(name: str) -> dict:
+    """A DeepSpeed JSON/YAML config, found as given or relative to the repository (``configs/...``)."""
+    path = Path(name)
+    if not path.is_file() and not path.is_absolute():
+        path = Path(__file__).resolve().parent.parent / name
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config={name!r} does not exist; use one of configs/ds_zero{{0,1,2,3}}.json")
+    return load_yaml(path) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.device = _prepare_environment()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.out_dir = Path(cfg.run.output_dir)
+        if cfg.data.prompts_per_step % self.world:
+            raise ConfigError(
+                f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the number of ranks ({self.world})"
+            )
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.resolved.yaml").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.model_path = self._model_path()
+        self.train_records, self.test_records = self._datasets()
+        self._build_components()
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _on_main_first(self, fn):
+        """Runs ``fn`` on rank 0, then on the others (for work that writes shared files once)."""
+        import torch.distributed as dist
+
+        result = fn() if self.is_main else None
+        dist.barrier()
+        return result if self.is_main else fn()
+
+    def _model_path(self) -> Path:
+        if self.cfg.model.path != "tiny":
+            path = Path(self.cfg.model.path)
+            if not (path / "config.json").is_file():
+                raise ConfigError(
+                    f"model.path={str(path)!r} holds no model (no config.json); give a local folder saved with "
+                    "save_pretrained, or model.path=tiny for the embedded tiny model"
+                )
+            return path
+        from ekipl.tools.tiny_model import build_tiny_model
+
+        tiny = self.out_dir / "tiny_model"
+
+        def build():
+            return Path(tiny) if (tiny / "config.json").is_file() else Path(build_tiny_model(tiny, seed=self.cfg.run.seed))
+
+        return self._on_main_first(build)
+
+    def _datasets(self) -> tuple[list[Record], list[Record]]:
+        data = self.cfg.data
+        if data.task == "synthetic":
+            from ekipl.data.synthetic import write_synthetic_dataset
+
+            folder = self.out_dir / "data"
+
+            def write():
+                if not (folder / "test.jsonl").is_file():
+                    write_synthetic_dataset(folder, n_train=data.synthetic_train, n_test=data.synthetic_test, seed=self.cfg.run.seed)
+                return folder
+
+            self._on_main_first(write)
+            train_path, test_path, image_root = folder / "train.jsonl", folder / "test.jsonl", folder
+        else:
+            if data.train_path is None:
+                raise ConfigError(f"data.train_path is required for data.task={data.task!r}")
+            train_path, test_path, image_root = data.train_path, data.test_path, data.image_root
+        load = lambda p: load_records(p, task=data.task, image_root=image_root, skip_bad_rows=data.skip_bad_rows)  # noqa: E731
+        train = load(train_path)
+        test = load(test_path) if test_path else None
+        self.skipped_rows = len(train.skipped) + (len(test.skipped) if test else 0)
+        if self.skipped_rows and self.is_main:
+            print(f"[ekipl] skipped {self.skipped_rows} bad rows (data.skip_bad_rows=true)", file=sys.stderr)
+        return list(train), list(test) if test else []
+
+    def _build_components(self) -> None:
+        from ekipl.models import load_policy, load_processor
+        from ekipl.rollout.hf import HFEngine
+
+        cfg = self.cfg
+        dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                 "fp32": torch.float32}.get(cfg.model.dtype)
+        if dtype is None:
+            raise ConfigError(f"model.dtype={cfg.model.dtype!r} is invalid: expected auto, bf16 or fp32")
+        self.processor = load_processor(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        torch.manual_seed(cfg.run.seed)
+        load = lambda: load_policy(  # noqa: E731
+            self.model_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            use_liger={"auto": "auto", "on": True, "off": False}[cfg.model.use_liger], device=self.device,
+        )
+        policy = load()
+        reference = None
+        if cfg.loss.beta > 0:
+            reference = load().eval().requires_grad_(False)
+            if cfg.deepspeed.offload_reference:
+                reference = reference.to("cpu")
+        ds_config = read_deepspeed_config(cfg.deepspeed.config)
+        ds_config = {**ds_config, "gradient_clipping": cfg.optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
+                     "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.learner = Learner(policy, loss=cfg.loss, optim=cfg.optim, ds_config=ds_config, max_steps=cfg.run.max_steps,
+                               pad_id=pad_id, reference=reference)
+        if cfg.rollout.engine == "hf":
+            self.engine = HFEngine.from_shared(self.learner.model, self.processor, device=self.device)
+        else:
+            from ekipl.rollout.sglang import make_sglang_engine
+
+            self.engine = make_sglang_engine(cfg.rollout, model_path=self.model_path, processor=self.processor)
+        self.rewards = RewardSet.for_task(cfg.data.task, cfg.rewards)
+        self.experts = ExpertPool(cfg.experts, self.processor, seed=cfg.run.seed, max_answer_tokens=cfg.rollout.max_new_tokens)
+        self.sampler = PromptSampler(len(self.train_records), cfg.run.seed)
+        self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
+        self._prompt_cache: dict[str, Prompt] = {}
+        self.step_index = 0
+
+    # -- one EKIPL step ---------------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        cfg, timer = self.cfg, PhaseTimer()
+        start = time.perf_counter()
+        torch.manual_seed(sample_seed(cfg.run.seed, self.step_index, self.rank, "torch"))
+        with timer.phase("prompts"):
+            records, prompts = self.next_prompts()
+        with timer.phase("experts_submit"):
+            pending = self.experts.submit(records, prompts, step=self.step_index) if self.experts.infuse_always else None
+        with timer.phase("rollout"):
+            policy_answers = self.policy_rollout(prompts, self.plain_samples)
+        with timer.phase("rewards"):
+            policy_candidates = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs) for c in group]
+                                 for group, r in zip(policy_answers, records)]
+        with timer.phase("experts"):
+            if pending is None and self.experts.enabled:
+                solved = [[c.reward for c in group] for group in policy_candidates]
+                pending = self.experts.submit_unsolved(records, prompts, solved, step=self.step_index)
+            answers = self.experts.collect(pending) if pending is not None else [[] for _ in records]
+            expert_candidates = [[self.score_expert(a, r) for a in per_prompt] for per_prompt, r in zip(answers, records)]
+        if self.cfg.experts.prefix_ratio > 0:
+            with timer.phase("guided_rollout"):
+                for index, candidate in self.guided_rollout(prompts, answers, records):
+                    policy_candidates[index].append(candidate)
+        with timer.phase("groups"):
+            pooled = [p + e for p, e in zip(policy_candidates, expert_candidates)]
+            groups = assemble_groups(pooled, cfg.group, random.Random(sample_seed(cfg.run.seed, self.step_index, self.rank)))
+            seqs = [TrainSequence(prompts[g.prompt_index], c.token_ids, c.origins, a, c.behavior_logprobs)
+                    for g in groups for c, a in zip(g.members, g.advantages)]
+        with timer.phase("logprobs"):
+            self.learner.fill_logprobs(seqs, old=self.needs_old_logprobs(len(seqs)))
+        with timer.phase("update"):
+            update = self.learner.update(seqs)
+        with timer.phase("sync"):
+            sync = self.engine.update_weights(self.learner.named_weights())
+        self.step_index += 1
+        seconds = time.perf_counter() - start
+        generated = sum(len(c.token_ids) for group in policy_answers for c in group)
+        trained = sum(s.num_tokens for s in seqs)
+        return {
+            **self.reward_metrics(policy_candidates, expert_candidates),
+            **group_metrics(groups),
+            **update,
+            **self.experts.step_metrics(),
+            **timer.as_metrics(),
+            "sync/bytes": float(sync.bytes), "sync/buckets": float(sync.buckets),
+            "response_length": generated / max(sum(len(g) for g in policy_answers), 1),
+            "tokens_per_s": (generated + trained) / seconds,
+            "time/step": seconds,
+            "memory/peak_gb": peak_memory_gb(self.device),
+            "data/skipped_rows": float(self.skipped_rows),
+        }
+
+    def next_prompts(self) -> tuple[list[Record], list[Prompt]]:
+        """This rank's share of the step's prompts, encoded once and cached by record id.
+
+        A record whose image fails to decode now (it passed the load-time check) is skipped and
+        counted under ``data.skip_bad_rows``; otherwise it stops the run with the file and row.
+        """
+        indices = self.sampler.next_batch(self.cfg.data.prompts_per_step)
+        records, prompts = [], []
+        for index in indices[self.rank :: self.world]:
+            record = self.train_records[index]
+            try:
+                prompts.append(self.encode(record))
+            except BadRecordError:
+                if not self.cfg.data.skip_bad_rows:
+                    raise
+                self.skipped_rows += 1
+                continue
+            records.append(record)
+        return records, prompts
+
+    def encode(self, record: Record) -> Prompt:
+        if record.id not in self._prompt_cache:
+            self._prompt_cache[record.id] = encode_prompt(
+                self.processor, record, max_pixels=self.cfg.data.max_pixels, max_prompt_len=self.cfg.data.max_prompt_len
+            )
+        return self._prompt_cache[record.id]
+
+    @property
+    def plain_samples(self) -> int:
+        """Policy samples per prompt; with prefix guidance, ``prefix_samples`` of them start from an expert prefix."""
+        guided = self.cfg.experts.prefix_samples if self.cfg.experts.prefix_ratio > 0 and self.experts.enabled else 0
+        return self.cfg.rollout.n_policy - guided
+
+    def policy_rollout(self, prompts: Sequence[Prompt], n: int, tag: str = ""):
+        seeds = [[sample_seed(self.cfg.run.seed, self.step_index, p.uid, tag, j) for j in range(n)] for p in prompts]
+        with self.gathered_weights():
+            return self.engine.generate(prompts, n, self.sampling, seeds)
+
+    def guided_rollout(self, prompts, answers, records):
+        """LUFFY's prefix guidance: the policy continues the first part of expert answers (mixed origins)."""
+        prefixed = prefixed_prompts(prompts, answers, prefix_ratio=self.cfg.experts.prefix_ratio,
+                                    samples_per_prompt=self.cfg.experts.prefix_samples)
+        if not prefixed:
+            return []
+        continuations = self.policy_rollout([p.prompt for p in prefixed], 1, tag="guided")
+        guided = []
+        for item, (continuation,) in zip(prefixed, continuations):
+            joined = guided_completion(item, continuation)
+            behavior = joined.behavior_logprobs or [float("nan")] * len(joined.prefix_ids) + joined.continuation_logprobs
+            guided.append((item.prompt_index, self.score(joined.token_ids, records[item.prompt_index], source=0,
+                                                         behavior=behavior, origins=joined.origins)))
+        return guided
+
+    def score(self, token_ids, record: Record, *, source: int, behavior=None, origins=None) -> Candidate:
+        text = decode_completion(self.tokenizer, token_ids)
+        parts = self.rewards.components(text, record.solution)
+        return Candidate(list(token_ids), source, sum(parts.values()), origins, behavior, parts)
+
+    def score_expert(self, answer, record: Record) -> Candidate:
+        candidate = self.score(answer.token_ids, record, source=answer.expert_id, behavior=answer.logprobs, origins=answer.origins)
+        answer.reward = candidate.reward  # the pool's per-expert metrics and prefix choice read it
+        return candidate
+
+    def needs_old_logprobs(self, num_seqs: int) -> bool:
+        """pi_old equals pi_theta (ratio 1) when each rollout gets exactly one optimiser step; skip that pass."""
+        optim = self.cfg.optim
+        one_step = optim.ppo_epochs == 1 and (optim.mini_batch_size == 0 or optim.mini_batch_size >= num_seqs)
+        return not one_step or self.cfg.loss.needs_behavior
+
+    def gathered_weights(self):
+        """ZeRO-3 partitions the shared module's weights: gather them for generation on this rank."""
+        import contextlib
+
+        if self.learner.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.learner.model.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def reward_metrics(self, policy: Sequence[Sequence[Candidate]], experts: Sequence[Sequence[Candidate]]) -> dict[str, float]:
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        own = [c for group in policy for c in group]
+        infused = [c for group in experts for c in group]
+        metrics = {
+            "reward/mean": mean([c.reward for c in own]),
+            "reward/expert_mean": mean([c.reward for c in infused]),
+            "reward/expert_answers": float(len(infused)),
+        }
+        for name in self.rewards.functions:
+            metrics[f"reward/{name}"] = mean([c.reward_parts[name] for c in own])
+        if "format" in self.rewards.functions:
+            metrics["reward/format_rate"] = mean([float(c.reward_parts["format"] > 0) for c in own])
+        return metrics
+
+    # -- checkpoints, evaluation, export ----------------------------------------------------------------
+    def client_state(self) -> dict:
+        return {"step": self.step_index, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
+                "experts": self.experts.state_dict()}
+
+    def resume(self) -> None:
+        path = checkpoint.resolve_resume(self.cfg.run.resume, self.out_dir / "checkpoints")
+        if path is None:
+            return
+        state = checkpoint.load(self.learner.engine, path)
+        self.step_index = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.experts.load_state_dict(state.get("experts", {}))
+        if self.is_main:
+            print(f"[ekipl] resumed from {path} at step {self.step_index}", file=sys.stderr)
+
+    def save(self) -> Path:
+        return checkpoint.save(self.learner.engine, self.out_dir / "checkpoints", self.step_index, self.client_state(),
+                               self.cfg.run.keep_last)
+
+    def evaluate(self) -> dict[str, float]:
+        import torch.distributed as dist
+        from ekipl.eval import evaluate
+
+        records = self.test_records[: self.cfg.data.eval_limit or None]
+        if not records:
+            return {}
+        e = self.cfg.eval
+        summary = {}
+        with self.gathered_weights():
+            if self.is_main:
+                summary = evaluate(
+                    self.engine, records, self.processor, task=self.cfg.data.task,
+                    out_dir=self.out_dir / "eval" / f"step_{self.step_index:08d}",
+                    sampling=SamplingParams(e.temperature, e.top_p, e.top_k, e.max_new_tokens), n=e.n,
+                    k_values=e.k_values, max_pixels=self.cfg.data.max_pixels, max_prompt_len=self.cfg.data.max_prompt_len,
+                    seed=self.cfg.run.seed, progress=False,
+                )
+        dist.barrier()
+        return {"eval/score": summary["score"], **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")}} if summary else {}
+
+    def export(self) -> Path:
+        """An HF-format folder (save_pretrained of policy and processor) that transformers and SGLang load."""
+        out = self.out_dir / "hf_export"
+        engine = self.learner.engine
+        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        if self.is_main:
+            self.learner.model.save_pretrained(out, state_dict=state)
+            self.processor.save_pretrained(out)
+        return out
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.cfg.run
+        self.resume()
+        logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=cfg.wandb_project, config=to_dict(self.cfg))
+        logger.truncate_after(self.step_index)
+        bar = tqdm(total=cfg.max_steps, initial=self.step_index, disable=not self.is_main, desc="ekipl", dynamic_ncols=True)
+        metrics: dict[str, float] = {}
+        try:
+            while self.step_index < cfg.max_steps:
+                metrics = self.step()
+                last = self.step_index == cfg.max_steps
+                if cfg.eval_every > 0 and self.step_index % cfg.eval_every == 0 or (last and cfg.eval_every >= 0):
+                    metrics.update(self.evaluate())
+                logger.log(self.step_index, metrics)
+                if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or last:
+                    self.save()
+                bar.update(1)
+                if self.step_index % cfg.log_every == 0:
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", expert=f"{metrics['groups/action_source_ratio']:.2f}",
+                                    loss=f"{metrics.get('loss', float('nan')):.3f}")
+        finally:
+            bar.close()
+            logger.close()
+            self.experts.close()
+        self.export()
+        if self.is_main and logger.path.exists():
+            plot_curves(logger.path, self.out_dir / "curves.png")
+        return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s --config FILE [--section.key=value ...]")
+    parser.add_argument("--config", help="YAML training config (configs/*.yaml); omitted: the built-in defaults")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        Trainer(cfg).run()
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, BadRecordError) as exc:
+        print(f"ekipl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
