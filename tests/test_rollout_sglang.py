@@ -26,6 +26,7 @@ from ekipl.rollout.sglang import (
     SGLangResponseError,
     SGLangTimeoutError,
     SGLangUnavailableError,
+    make_sglang_engine,
     model_token_ids,
 )
 from ekipl.rollout.sglang_api import collapse_image_placeholders, parse_generate_outputs
@@ -277,6 +278,18 @@ def test_responses_that_are_not_sglangs_are_errors():
 def test_launch_without_sglang_names_the_fix(tiny_model_dir):
     with pytest.raises(ImportError, match="pip install 'ekipl\\[sglang\\]'"):
         SGLangEngine.launch(SGLangLaunchArgs(model_path=str(tiny_model_dir)))
+
+
+def test_trainer_config_makes_an_http_engine(tiny_model_dir, processor, token_ids):
+    from ekipl.config import RolloutConfig
+
+    rollout = RolloutConfig(engine="sglang-http", url="http://127.0.0.1:1", bucket_mb=64)
+    engine = make_sglang_engine(rollout, model_path=tiny_model_dir, processor=processor)
+    assert isinstance(engine, SGLangHTTPEngine) and engine.base_url == "http://127.0.0.1:1"
+    assert engine.bucket_bytes == 64 * 1024 * 1024
+    assert (engine.image_token_id, engine.stop_token_ids) == (token_ids["image_token_id"], token_ids["stop_token_ids"])
+    with pytest.raises(ValueError, match="not an SGLang engine"):
+        make_sglang_engine(RolloutConfig(engine="hf"), model_path=tiny_model_dir, processor=processor)
 
 
 def test_launch_args_pass_through():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import requests
 import torch
 
 from ekipl.models import eos_token_ids
@@ -54,18 +55,23 @@ from ekipl.rollout.weight_sync import (
 
 __all__ = [
     "SGLangEngine",
+    "SGLangEngineBase",
     "SGLangError",
     "SGLangHTTPEngine",
     "SGLangLaunchArgs",
     "SGLangResponseError",
     "SGLangTimeoutError",
     "SGLangUnavailableError",
+    "make_sglang_engine",
     "model_token_ids",
 ]
 
 
-def model_token_ids(model_path: str | Path) -> tuple[int | None, tuple[int, ...]]:
-    """The image placeholder id (None for a text-only model) and the stop ids of the model at ``model_path``."""
+def model_token_ids(model_path: str | Path, tokenizer: Any = None) -> tuple[int | None, tuple[int, ...]]:
+    """The image placeholder id (None for a text-only model) and the stop ids of the model at ``model_path``.
+
+    ``tokenizer``: the model's tokenizer if the caller has it loaded already.
+    """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(model_path))
@@ -73,7 +79,7 @@ def model_token_ids(model_path: str | Path) -> tuple[int | None, tuple[int, ...]
         generation_config = GenerationConfig.from_pretrained(str(model_path))
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         generation_config = None
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(model_path))
     return getattr(config, "image_token_id", None), eos_token_ids(generation_config, tokenizer)
 
 
@@ -84,7 +90,7 @@ def _check_success(result: Any, what: str) -> None:
         raise SGLangError(f"SGLang {what} failed: {message}")
 
 
-class _SGLangEngineBase(ABC):
+class SGLangEngineBase(ABC):
     """The protocol on top of five transport calls that the in-process and HTTP engines provide."""
 
     def __init__(
@@ -177,7 +183,7 @@ class _SGLangEngineBase(ABC):
         sent_bytes = sent_buckets = 0
         bucket = next(buckets, None)
         while bucket is not None:
-            following = next(buckets, None)  # one bucket of lookahead tells which is the last
+            following = next(buckets, None)  # a bucket of lookahead tells which is the last (two held at once)
             self._update_weights_from_tensor(bucket, flush_cache=following is None)
             sent_bytes += sum(tensor_bytes(tensor) for _, tensor in bucket)
             sent_buckets += 1
@@ -237,7 +243,7 @@ class SGLangLaunchArgs:
         return {**kwargs, **self.extra_args}
 
 
-class SGLangEngine(_SGLangEngineBase):
+class SGLangEngine(SGLangEngineBase):
     """An in-process ``sglang.Engine`` (same process as the learner, weights shared by CUDA IPC)."""
 
     def __init__(self, engine: Any, **kwargs: Any):
@@ -246,7 +252,10 @@ class SGLangEngine(_SGLangEngineBase):
 
     @classmethod
     def launch(cls, args: SGLangLaunchArgs, **kwargs: Any) -> "SGLangEngine":
-        """Start ``sglang.Engine`` for ``args.model_path``; ``kwargs`` go to the engine wrapper (bucket_bytes...)."""
+        """Start ``sglang.Engine`` for ``args.model_path``; ``kwargs`` go to the wrapper (bucket_bytes, ...).
+
+        The image and stop ids are read from the model folder unless given.
+        """
         try:
             import sglang
         except ImportError as error:
@@ -254,9 +263,9 @@ class SGLangEngine(_SGLangEngineBase):
                 "the SGLang rollout engine needs the sglang package (CUDA only): pip install 'ekipl[sglang]', "
                 "or use the HF engine"
             ) from error
-        image_token_id, stop_token_ids = model_token_ids(args.model_path)
-        engine = sglang.Engine(**args.engine_kwargs())
-        return cls(engine, image_token_id=image_token_id, stop_token_ids=stop_token_ids, **kwargs)
+        if "stop_token_ids" not in kwargs:
+            kwargs["image_token_id"], kwargs["stop_token_ids"] = model_token_ids(args.model_path)
+        return cls(sglang.Engine(**args.engine_kwargs()), **kwargs)
 
     def _generate(self, request: dict[str, Any]) -> Any:
         return self.engine.generate(**request)
@@ -287,7 +296,7 @@ def _sglang_tensor_serializer(bucket: list[NamedTensor]) -> str:
     return MultiprocessingSerializer.serialize(bucket, output_str=True)
 
 
-class SGLangHTTPEngine(_SGLangEngineBase):
+class SGLangHTTPEngine(SGLangEngineBase):
     """A client of a running ``python -m sglang.launch_server``.
 
     Connection errors and 5xx answers are retried ``max_retries`` times with exponential backoff
@@ -308,8 +317,6 @@ class SGLangHTTPEngine(_SGLangEngineBase):
         serializer: Callable[[list[NamedTensor]], str] = _sglang_tensor_serializer,
         **kwargs: Any,
     ):
-        import requests
-
         super().__init__(**kwargs)
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
@@ -326,9 +333,7 @@ class SGLangHTTPEngine(_SGLangEngineBase):
         image_token_id, stop_token_ids = model_token_ids(model_path)
         return cls(base_url, image_token_id=image_token_id, stop_token_ids=stop_token_ids, **kwargs)
 
-    def _post(self, endpoint: str, body: dict[str, Any] | None = None):
-        import requests
-
+    def _post(self, endpoint: str, body: dict[str, Any] | None = None) -> requests.Response:
         url = f"{self.base_url}{endpoint}"
         failure = ""
         for attempt in range(self.max_retries + 1):
@@ -385,3 +390,21 @@ class SGLangHTTPEngine(_SGLangEngineBase):
     def shutdown(self) -> None:
         """Close the connection pool; the server belongs to whoever started it."""
         self.session.close()
+
+
+def make_sglang_engine(rollout: Any, *, model_path: str | Path, processor: Any) -> SGLangEngineBase:
+    """The policy's SGLang engine from the trainer's rollout config.
+
+    ``rollout.engine``: ``"sglang"`` launches an in-process engine (``mem_fraction_static``), ``"sglang-http"``
+    connects to the server at ``rollout.url``; both sync weights in buckets of ``rollout.bucket_mb`` MB.
+    """
+    image_token_id, stop_token_ids = model_token_ids(model_path, getattr(processor, "tokenizer", processor))
+    common = dict(
+        image_token_id=image_token_id, stop_token_ids=stop_token_ids, bucket_bytes=rollout.bucket_mb * 1024 * 1024
+    )
+    if rollout.engine == "sglang-http":
+        return SGLangHTTPEngine(rollout.url, **common)
+    if rollout.engine == "sglang":
+        launch = SGLangLaunchArgs(model_path=str(model_path), mem_fraction_static=rollout.mem_fraction_static)
+        return SGLangEngine.launch(launch, **common)
+    raise ValueError(f"rollout.engine={rollout.engine!r} is not an SGLang engine: expected 'sglang' or 'sglang-http'")
