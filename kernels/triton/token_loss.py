@@ -102,7 +102,7 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
     pg = tl.where(shaped, -adv * prob / denom, pg)
     d_pg = tl.where(shaped, -adv * shaping_gamma * prob / (denom * denom), d_pg)
     d = ref - lp
-    exp_d = tl.exp(d)
+    exp_d = tl.exp(tl.where(kl_kind == 3, d, 0.0))  # only k3 needs it; elsewhere it could overflow
     kl = tl.where(kl_kind == 1, -d, tl.where(kl_kind == 2, 0.5 * d * d, exp_d - d - 1.0))
     d_kl = tl.where(kl_kind == 1, 1.0, tl.where(kl_kind == 2, -d, 1.0 - exp_d))
     loss = pg + tl.where(beta > 0, beta * kl, 0.0)  # where, not a product: ref may be absent when beta = 0
