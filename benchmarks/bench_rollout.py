@@ -85,8 +85,13 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -106,7 +111,9 @@ def main() -> None:
     parser.add_argument("--engines", default="hf,sglang", help="comma list of hf, sglang (sglang: CUDA only)")
     parser.add_argument("--mem-fraction", type=float, default=0.5, help="SGLang mem_fraction_static")
     parser.add_argument("--bucket-mb", type=int, default=512, help="weight-sync bucket size for SGLang")
-    parser.add_argument("--sglang-args", default="{}", help='other sglang ServerArgs as JSON, e.g. \'{"attention_backend": "triton"}\'')
+    parser.add_argument(
+        "--sglang-args", default="{}", help='other sglang ServerArgs as JSON, e.g. \'{"attention_backend": "triton"}\''
+    )
     parser.add_argument("--out", default="outputs/bench/rollout.json")
     args = parser.parse_args()
 
@@ -134,16 +141,26 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
             launch = SGLangLaunchArgs(
-                model_path=str(model_path), mem_fraction_static=args.mem_fraction, extra_args=json.loads(args.sglang_args)
+                model_path=str(model_path),
+                mem_fraction_static=args.mem_fraction,
+                extra_args=json.loads(args.sglang_args),
             )
             engine = SGLangEngine.launch(launch, bucket_bytes=args.bucket_mb * 1024 * 1024)
             try:
                 stats = timed_rounds(engine, prompts, args.n, sampling, args.rounds)
                 engine.release_memory()
                 sync = engine.update_weights(policy.named_parameters())
-                results.append(row("sglang", stats, {
-                    "sync_bytes": sync.bytes, "sync_buckets": sync.buckets, "sync_seconds": round(sync.seconds, 3),
-                }))
+                results.append(
+                    row(
+                        "sglang",
+                        stats,
+                        {
+                            "sync_bytes": sync.bytes,
+                            "sync_buckets": sync.buckets,
+                            "sync_seconds": round(sync.seconds, 3),
+                        },
+                    )
+                )
             finally:
                 engine.shutdown()
 
@@ -153,16 +170,28 @@ def main() -> None:
     for result in results:
         print(" | ".join(f"{result[h]!s:>17}" for h in header))
         if "sync_bytes" in result:
-            print(f"  weight sync: {result['sync_bytes'] / 2**20:.1f} MiB in {result['sync_buckets']} buckets, "
-                  f"{result['sync_seconds']} s")
+            print(
+                f"  weight sync: {result['sync_bytes'] / 2**20:.1f} MiB in {result['sync_buckets']} buckets, "
+                f"{result['sync_seconds']} s"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "rollout", "machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-        "model": str(args.model or "tiny"), "prompts": args.prompts, "n": args.n,
-        "sampling": asdict(sampling),
-        "results": results,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "rollout",
+                "machine": machine(),
+                "commit": commit(),
+                "date": time.strftime("%Y-%m-%d"),
+                "model": str(args.model or "tiny"),
+                "prompts": args.prompts,
+                "n": args.n,
+                "sampling": asdict(sampling),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

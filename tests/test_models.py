@@ -71,7 +71,10 @@ def test_build_is_deterministic_in_the_seed_and_the_cli_writes_a_loadable_model(
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (tiny_model_dir / "tokenizer.json").read_text()
-    assert json.loads((tmp_path / "again" / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    assert (
+        json.loads((tmp_path / "again" / "processor_config.json").read_text())["processor_class"]
+        == "Qwen2_5_VLProcessor"
+    )
 
 
 def test_save_and_load_round_trip(policy, tmp_path):
@@ -102,11 +105,17 @@ def test_forward_and_generate_with_an_image(policy, processor):
     prompt = image_prompts(processor, 1, seed=1)[0]
     ids = torch.tensor([prompt.input_ids])
     token_types = (ids == policy.config.image_token_id).int()
-    logits = policy(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types, **prompt.mm_inputs).logits
+    logits = policy(
+        input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types, **prompt.mm_inputs
+    ).logits
     assert logits.shape == (1, ids.shape[1], len(processor.tokenizer)) and torch.isfinite(logits).all()
     generated = policy.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types,
-        max_new_tokens=6, do_sample=False, **prompt.mm_inputs,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=token_types,
+        max_new_tokens=6,
+        do_sample=False,
+        **prompt.mm_inputs,
     )
     assert generated.shape[1] > ids.shape[1] and torch.equal(generated[0, : ids.shape[1]], ids[0])
 
@@ -121,8 +130,10 @@ def test_last_hidden_states_reproduce_the_models_logits(policy, processor, left_
         for row, prompt in enumerate(prompts):  # each prompt alone, the model placing positions itself
             alone = torch.tensor([prompt.input_ids])
             expected = policy(
-                input_ids=alone, attention_mask=torch.ones_like(alone),
-                mm_token_type_ids=(alone == policy.config.image_token_id).int(), **prompt.mm_inputs,
+                input_ids=alone,
+                attention_mask=torch.ones_like(alone),
+                mm_token_type_ids=(alone == policy.config.image_token_id).int(),
+                **prompt.mm_inputs,
             ).logits[0]
             got = (hidden[row] @ lm_head_weight(policy).T)[mask[row].bool()]
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)

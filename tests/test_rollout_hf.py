@@ -32,12 +32,16 @@ def teacher_forced_logprobs(model, prompt, completion_ids, temperature):
     """The learner's view, in plain torch: log_softmax(logits / T) of the whole sequence at the sampled tokens."""
     ids = torch.tensor([prompt.input_ids + completion_ids])
     with torch.no_grad():
-        logits = model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_token_type_ids=(ids == model.config.image_token_id).int(),
-            **prompt.mm_inputs,
-        ).logits[0].double()
+        logits = (
+            model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                **prompt.mm_inputs,
+            )
+            .logits[0]
+            .double()
+        )
     predicted = logits[len(prompt.input_ids) - 1 : -1] / temperature
     return predicted.log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None]).squeeze(-1)
 
@@ -97,16 +101,22 @@ def test_logprobs_equal_the_teacher_forced_logprobs(policy, processor, prompts, 
 def test_top_k_one_is_greedy_and_greedy_ignores_seeds(policy, processor, prompts):
     engine = HFEngine(policy, processor)
     greedy = engine.generate(prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=8), [[1, 2], [3, 4], [5, 6]])
-    top1 = engine.generate(prompts, 2, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8), [[7, 8], [9, 10], [11, 12]])
+    top1 = engine.generate(
+        prompts, 2, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8), [[7, 8], [9, 10], [11, 12]]
+    )
     for greedy_group, top1_group in zip(greedy, top1):
-        assert greedy_group[0].token_ids == greedy_group[1].token_ids == top1_group[0].token_ids == top1_group[1].token_ids
+        assert (
+            greedy_group[0].token_ids == greedy_group[1].token_ids == top1_group[0].token_ids == top1_group[1].token_ids
+        )
     # Temperature 0 reports log-probs of the unscaled distribution; the greedy token is its most likely.
     expected = teacher_forced_logprobs(policy, prompts[0], greedy[0][0].token_ids, 1.0)
     assert torch.allclose(torch.tensor(greedy[0][0].logprobs, dtype=torch.float64), expected, atol=2e-5)
 
 
 def test_generation_stops_at_a_stop_token(policy, processor, prompts):
-    probe = HFEngine(policy, processor).generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=4), [[0]] * 3)
+    probe = HFEngine(policy, processor).generate(
+        prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=4), [[0]] * 3
+    )
     stop = probe[1][0].token_ids[2]  # the third greedy token of the second prompt
     engine = HFEngine(policy, processor, stop_token_ids=[stop])
     stopped = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=4), [[0]] * 3)

@@ -178,7 +178,9 @@ def test_http_weight_sync_in_buckets_with_memory_in_order(server, token_ids, pol
     updates = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
     assert stats.buckets == len(updates) > 1
     assert [body["flush_cache"] for body in updates] == [False] * (len(updates) - 1) + [True]
-    received = [item for body in updates for item in pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))]
+    received = [
+        item for body in updates for item in pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
+    ]
     assert all(len(body["serialized_named_tensors"]) == 2 for body in updates)  # one payload per TP rank
     expected = [(transformers_to_sglang_name(name), tensor) for name, tensor in policy.named_parameters()]
     assert [name for name, _ in received] == [name for name, _ in expected]
@@ -208,7 +210,9 @@ def test_engine_mixes_prompts_with_and_without_images(recording, token_ids, poli
     mixed = [prompts[0], text_only]
     engine = SGLangEngine(recording, **token_ids, prefill_groups=False)
     groups = engine.generate(mixed, 2, SAMPLING, [[1, 2], [3, 4]])
-    assert token_lists(groups) == token_lists(HFEngine(policy, processor).generate(mixed, 2, SAMPLING, [[1, 2], [3, 4]]))
+    assert token_lists(groups) == token_lists(
+        HFEngine(policy, processor).generate(mixed, 2, SAMPLING, [[1, 2], [3, 4]])
+    )
     assert recording.calls[0][1]["image_data"][2:] == [None, None]
 
 
@@ -220,7 +224,11 @@ def test_engine_weight_sync_buckets_names_flush_and_memory_order(recording, toke
         engine.generate(prompts[:1], 1, SAMPLING, [[1]])
     stats = engine.update_weights(policy.named_parameters())
     names = recording.names()
-    assert names[0] == "release_memory_occupation" and recording.calls[0][1]["tags"] == ["kv_cache", "weights", "cuda_graph"]
+    assert names[0] == "release_memory_occupation" and recording.calls[0][1]["tags"] == [
+        "kv_cache",
+        "weights",
+        "cuda_graph",
+    ]
     assert recording.calls[1] == ("resume_memory_occupation", {"tags": ["weights"]})
     assert recording.calls[-1] == ("resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})
     updates = [kwargs for name, kwargs in recording.calls if name == "update_weights_from_tensor"]
@@ -261,8 +269,14 @@ def test_engine_refuses_repeated_seeds_in_a_group(recording, token_ids, prompts)
 
 
 def test_responses_that_are_not_sglangs_are_errors():
-    good = {"meta_info": {"finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 5, "cached_tokens": 3,
-                          "output_token_logprobs": [[-0.5, 7, None], [-0.1, 2, None]]}}
+    good = {
+        "meta_info": {
+            "finish_reason": {"type": "stop", "matched": 2},
+            "prompt_tokens": 5,
+            "cached_tokens": 3,
+            "output_token_logprobs": [[-0.5, 7, None], [-0.1, 2, None]],
+        }
+    }
     groups, prompt_tokens, cached = parse_generate_outputs([good], 1, 1)
     assert (groups[0][0].token_ids, groups[0][0].logprobs, groups[0][0].finish_reason) == ([7, 2], [-0.5, -0.1], "stop")
     assert (prompt_tokens, cached) == (5, 3)
@@ -297,14 +311,19 @@ def test_launch_args_pass_through():
     kwargs = args.engine_kwargs()
     assert kwargs["enable_memory_saver"] is True and kwargs["context_length"] == 4096
     assert "enable_deterministic_inference" not in kwargs
-    assert SGLangLaunchArgs(model_path="m", enable_deterministic_inference=True).engine_kwargs()["enable_deterministic_inference"]
+    assert SGLangLaunchArgs(model_path="m", enable_deterministic_inference=True).engine_kwargs()[
+        "enable_deterministic_inference"
+    ]
 
 
 # ---- weight-sync helpers -----------------------------------------------------------------------------------
 
 
 def test_names_map_from_transformers_to_sglang():
-    assert transformers_to_sglang_name("model.language_model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
+    assert (
+        transformers_to_sglang_name("model.language_model.layers.0.self_attn.q_proj.weight")
+        == "model.layers.0.self_attn.q_proj.weight"
+    )
     assert transformers_to_sglang_name("model.visual.blocks.0.attn.qkv.weight") == "visual.blocks.0.attn.qkv.weight"
     assert transformers_to_sglang_name("lm_head.weight") == "lm_head.weight"
     assert transformers_to_sglang_name("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
@@ -363,9 +382,12 @@ def test_real_sglang_engine_samples_syncs_and_releases(tiny_model_dir, processor
             for completion in group:
                 ids = torch.tensor([prompt.input_ids + completion.token_ids])
                 with torch.no_grad():
-                    logits = cpu_model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                       mm_token_type_ids=(ids == cpu_model.config.image_token_id).int(),
-                                       **prompt.mm_inputs).logits[0, len(prompt.input_ids) - 1 : -1]
+                    logits = cpu_model(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        mm_token_type_ids=(ids == cpu_model.config.image_token_id).int(),
+                        **prompt.mm_inputs,
+                    ).logits[0, len(prompt.input_ids) - 1 : -1]
                 expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
                 assert (torch.tensor(completion.logprobs) - expected).abs().mean() < 0.05  # bf16 engine vs fp32
         with torch.no_grad():

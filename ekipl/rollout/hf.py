@@ -64,9 +64,7 @@ def sample_next_tokens(
         probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
         # Exponential race: argmax p_v / E_v with E_v ~ Exp(1) draws v with probability p_v, and each row's
         # draws come from its own generator.
-        race = torch.stack(
-            [torch.empty_like(row).exponential_(generator=gen) for row, gen in zip(probs, generators)]
-        )
+        race = torch.stack([torch.empty_like(row).exponential_(generator=gen) for row, gen in zip(probs, generators)])
         tokens = (probs / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -74,9 +72,7 @@ def sample_next_tokens(
 def batch_multimodal_inputs(prompts: Sequence[Prompt], device: torch.device) -> dict[str, torch.Tensor]:
     """Concatenate the prompts' processor tensors (images in prompt order) along their first dimension."""
     keys = dict.fromkeys(key for prompt in prompts for key in prompt.mm_inputs)
-    return {
-        key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys
-    }
+    return {key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys}
 
 
 @contextlib.contextmanager
@@ -112,7 +108,9 @@ class HFEngine:
         self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch_size = max_batch_size
-        self.stop_token_ids = tuple(stop_token_ids or eos_token_ids(getattr(model, "generation_config", None), self.tokenizer))
+        self.stop_token_ids = tuple(
+            stop_token_ids or eos_token_ids(getattr(model, "generation_config", None), self.tokenizer)
+        )
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         )

@@ -114,24 +114,19 @@ class SGLangEngineBase(ABC):
 
     # Transport, one method per SGLang call.
     @abstractmethod
-    def _generate(self, request: dict[str, Any]) -> Any:
-        ...
+    def _generate(self, request: dict[str, Any]) -> Any: ...
 
     @abstractmethod
-    def _encode_image(self, image: Any) -> Any:
-        ...
+    def _encode_image(self, image: Any) -> Any: ...
 
     @abstractmethod
-    def _update_weights_from_tensor(self, bucket: list[NamedTensor], flush_cache: bool) -> None:
-        ...
+    def _update_weights_from_tensor(self, bucket: list[NamedTensor], flush_cache: bool) -> None: ...
 
     @abstractmethod
-    def _set_memory(self, tags: list[str], *, occupied: bool) -> None:
-        ...
+    def _set_memory(self, tags: list[str], *, occupied: bool) -> None: ...
 
     @abstractmethod
-    def flush_cache(self) -> None:
-        ...
+    def flush_cache(self) -> None: ...
 
     # The protocol.
     def generate(
@@ -352,7 +347,9 @@ class SGLangHTTPEngine(SGLangEngineBase):
                 failure = f"HTTP {response.status_code}: {response.text[:300]}"
                 continue
             if response.status_code >= 400:
-                raise SGLangResponseError(f"{url} refused the request: HTTP {response.status_code}: {response.text[:300]}")
+                raise SGLangResponseError(
+                    f"{url} refused the request: HTTP {response.status_code}: {response.text[:300]}"
+                )
             return response
         if failure.startswith("connection"):
             raise SGLangUnavailableError(

@@ -73,15 +73,22 @@ def benchmark_corpus() -> list[str]:
         )
         lines.append(f"Subtract all {color} {shape}s. How many objects are left?")
     for count in range(12):
-        lines.append(f"<think>I count the objects one by one: there are {count} of them.</think> <answer>{count}</answer>")
+        lines.append(
+            f"<think>I count the objects one by one: there are {count} of them.</think> <answer>{count}</answer>"
+        )
     for letter, value in zip("ABCD", ("12", "3.5", "60", "24")):
         lines.append(
             f"Find the angle. Choices: A. 30 B. 45 C. 60 D. 90 Answer with the option's letter (A, B, C or D). "
             f"<think>The triangle is equilateral.</think> <answer>{letter}</answer> "
             f"Give a float number or int number. <answer>{value}</answer>"
         )
-    for attr, values in (("size", sizes), ("color", colors), ("material", materials), ("shape", shapes),
-                         ("position", positions)):
+    for attr, values in (
+        ("size", sizes),
+        ("color", colors),
+        ("material", materials),
+        ("shape", shapes),
+        ("position", positions),
+    ):
         lines.append(" ".join(f"change_{attr}({obj}, '{value}')" for obj, value in enumerate(values)))
     return lines
 
@@ -159,8 +166,11 @@ def build_config(tokenizer):
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
             # mrope splits each head's rotary half-dimension into (temporal, height, width) sections.
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+            },
             bos_token_id=token_id("<|endoftext|>"),
             eos_token_id=token_id("<|im_end|>"),
             pad_token_id=token_id("<|endoftext|>"),

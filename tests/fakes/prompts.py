@@ -22,7 +22,9 @@ def random_image(rng: np.random.Generator, height: int, width: int) -> Image.Ima
 def chat_prompt(processor, uid: str, question: str, images: list[Image.Image]) -> Prompt:
     """A user turn with ``images`` then ``question``, templated and processed (image placeholders expanded)."""
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     encoded = processor(text=[text], images=images or None, return_tensors="pt")
     mm_inputs = {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
     return Prompt(uid=uid, input_ids=encoded["input_ids"][0].tolist(), images=list(images), mm_inputs=mm_inputs)

@@ -50,7 +50,7 @@ class HFBackedGenerate:
         if images:
             processed = self.processor.image_processor(images=images, return_tensors="pt")
             mm_inputs = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
-            merge = self.processor.image_processor.merge_size ** 2
+            merge = self.processor.image_processor.merge_size**2
             counts = iter(int(grid.prod()) // merge for grid in processed["image_grid_thw"])
             expanded = []
             for token in input_ids:
@@ -111,18 +111,48 @@ class RecordingEngine:
         self.backend = backend
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, image_data=None, audio_data=None,
-                 video_data=None, return_logprob=False, logprob_start_len=None, top_logprobs_num=None,
-                 token_ids_logprob=None, lora_path=None, custom_logit_processor=None, return_hidden_states=False,
-                 stream=False, bootstrap_host=None, bootstrap_port=None, bootstrap_room=None, data_parallel_rank=None,
-                 rid=None):
-        self.calls.append(("generate", dict(input_ids=input_ids, image_data=image_data,
-                                            sampling_params=sampling_params, return_logprob=return_logprob)))
+    def generate(
+        self,
+        prompt=None,
+        sampling_params=None,
+        input_ids=None,
+        image_data=None,
+        audio_data=None,
+        video_data=None,
+        return_logprob=False,
+        logprob_start_len=None,
+        top_logprobs_num=None,
+        token_ids_logprob=None,
+        lora_path=None,
+        custom_logit_processor=None,
+        return_hidden_states=False,
+        stream=False,
+        bootstrap_host=None,
+        bootstrap_port=None,
+        bootstrap_room=None,
+        data_parallel_rank=None,
+        rid=None,
+    ):
+        self.calls.append(
+            (
+                "generate",
+                dict(
+                    input_ids=input_ids,
+                    image_data=image_data,
+                    sampling_params=sampling_params,
+                    return_logprob=return_logprob,
+                ),
+            )
+        )
         return self.backend.generate(input_ids, sampling_params, return_logprob, image_data)
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update_weights_from_tensor",
-                           dict(named_tensors=list(named_tensors), load_format=load_format, flush_cache=flush_cache)))
+        self.calls.append(
+            (
+                "update_weights_from_tensor",
+                dict(named_tensors=list(named_tensors), load_format=load_format, flush_cache=flush_cache),
+            )
+        )
         if flush_cache:
             self.backend.flush()
         return True, "Succeeded to update model weights."
