@@ -8,6 +8,7 @@ rotary position (Qwen-VL's 3-D "mrope" for image tokens, text positions after th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -81,7 +82,9 @@ def load_policy(
     return model.to(device)
 
 
-def _image_only_qwen_processor_class():
+@functools.lru_cache(maxsize=None)
+def image_only_qwen_processor_class():
+    """The Qwen-VL image-only processor class (built on first use, so that importing ekipl stays light)."""
     from transformers import Qwen2_5_VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
@@ -89,7 +92,8 @@ def _image_only_qwen_processor_class():
         """Qwen2-VL / Qwen2.5-VL processor for images and text only.
 
         The stock processor demands a video processor, which needs torchvision; this one has none, so it
-        builds beside a CPU-only torch. Image handling is the stock one (both families process images alike).
+        builds beside a CPU-only torch. Image handling is the stock one (both families process images alike),
+        and it saves as the stock class so that transformers and SGLang load what it writes.
         """
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -98,6 +102,17 @@ def _image_only_qwen_processor_class():
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            written = super().save_pretrained(save_directory, **kwargs)
+            # Also the legacy preprocessor_config.json: where AutoProcessor's video processor looks when the
+            # nested config has no video entry, as it does for the original Qwen checkpoints.
+            self.image_processor.save_pretrained(save_directory)
+            config_file = Path(save_directory) / "processor_config.json"
+            config = json.loads(config_file.read_text())
+            config["processor_class"] = Qwen2_5_VLProcessor.__name__
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            return written
 
     return QwenVLImageOnlyProcessor
 
@@ -112,7 +127,7 @@ def load_processor(path: str | Path):
         return AutoProcessor.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-    return _image_only_qwen_processor_class()(
+    return image_only_qwen_processor_class()(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_read_chat_template(path, tokenizer)
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from fakes.prompts import chat_prompt, image_prompts, random_image
@@ -90,7 +91,7 @@ def test_save_and_load_round_trip(policy, tmp_path):
 
 def test_processor_needs_no_torchvision_and_expands_images(processor):
     assert not hasattr(processor, "video_processor")
-    image = random_image(__import__("numpy").random.default_rng(0), 100, 130)
+    image = random_image(np.random.default_rng(0), 100, 130)
     prompt = chat_prompt(processor, "q", "How many red cubes are there?", [image])
     text = processor.tokenizer.decode(prompt.input_ids)
     assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>")
@@ -99,6 +100,23 @@ def test_processor_needs_no_torchvision_and_expands_images(processor):
     n_pads = prompt.input_ids.count(processor.image_token_id)
     assert n_pads == int(grid.prod()) // 4 > 1  # one placeholder per merged 2x2 patch
     assert grid[1] * 14 <= tiny_model.IMAGE_SIDE and grid[2] * 14 <= tiny_model.IMAGE_SIDE
+
+
+def test_processor_saves_as_the_stock_class_that_autoprocessor_can_load(processor, tmp_path):
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    # AutoProcessor (on a machine with torchvision, as SGLang runs) also builds a video processor: its config
+    # must be findable, as it is for the original Qwen checkpoints (the image processor's).
+    video_config, _ = BaseVideoProcessor.get_video_processor_dict(str(tmp_path))
+    assert video_config["patch_size"] == 14 and video_config["merge_size"] == 2
+    reloaded = load_processor(tmp_path)
+    image = random_image(np.random.default_rng(1), 90, 60)
+    prompt, again = (chat_prompt(p, "q", "How many?", [image]) for p in (processor, reloaded))
+    assert prompt.input_ids == again.input_ids
+    assert torch.equal(prompt.mm_inputs["pixel_values"], again.mm_inputs["pixel_values"])
 
 
 def test_forward_and_generate_with_an_image(policy, processor):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
@@ -196,22 +195,11 @@ def build_config(tokenizer):
     )
 
 
-def save_image_only_processor(out: Path, image_processor, tokenizer) -> None:
-    """Save a Qwen2.5-VL processor without a video processor, in the layout ``AutoProcessor`` reads.
-
-    The stock processor cannot be built without torchvision (its video processor needs it), so its parts are
-    written one by one: image processor, tokenizer, chat template and the processor class name.
-    """
-    tokenizer.chat_template = CHAT_TEMPLATE
-    image_processor.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2))
-
-
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny random Qwen2.5-VL, its processor and generation config to ``out_dir``; return the path."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ekipl.models import image_only_qwen_processor_class
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +212,10 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=1.0
     )
     model.save_pretrained(out)
-    save_image_only_processor(out, build_image_processor(), tokenizer)
+    processor = image_only_qwen_processor_class()(
+        image_processor=build_image_processor(), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out)
     return out
 
 
