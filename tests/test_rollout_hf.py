@@ -127,6 +127,28 @@ def test_generation_stops_at_a_stop_token(policy, processor, prompts):
         assert after[0].token_ids == before[0].token_ids[:cut]
 
 
+def test_vision_placeholders_are_never_sampled_and_suppression_keeps_the_logprobs(policy, processor, prompts):
+    engine = HFEngine(policy, processor)
+    config = policy.config
+    vision_ids = {
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    }
+    assert set(engine.suppress_token_ids) == vision_ids
+    greedy = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=6), [[0]] * 3)
+    banned = greedy[0][0].token_ids[0]
+    steered = HFEngine(policy, processor, suppress_token_ids=[banned])
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6)
+    groups = steered.generate(prompts, 4, sampling, [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    for prompt, group in zip(prompts, groups):
+        for completion in group:
+            assert banned not in completion.token_ids
+            expected = teacher_forced_logprobs(policy, prompt, completion.token_ids, 1.0)
+            assert torch.allclose(torch.tensor(completion.logprobs, dtype=torch.float64), expected, atol=2e-5)
+
+
 def test_bad_seed_lists_are_refused(policy, processor, prompts):
     engine = HFEngine(policy, processor)
     with pytest.raises(ValueError, match="one list of n=2"):
@@ -197,3 +219,7 @@ def test_sampling_draws_from_the_filtered_distribution():
     assert torch.allclose(counts[:3], torch.tensor([4, 3, 2], dtype=torch.float64) / 9, atol=0.03)
     # Log-probs are of the full distribution at the temperature, not the renormalised one.
     assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)
+    suppressed, _ = sample_next_tokens(
+        logits[:500], SamplingParams(temperature=1.0), generators[:500], torch.tensor([0])
+    )
+    assert 0 not in suppressed.tolist() and len(set(suppressed.tolist())) == 3

@@ -47,17 +47,23 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generators: Sequence[torch.Generator]
+    logits: torch.Tensor,
+    sampling: SamplingParams,
+    generators: Sequence[torch.Generator],
+    suppress_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits`` ``[B, V]`` with row ``b`` drawing from ``generators[b]``.
 
     Returns the tokens ``[B]`` and their log-probs ``[B]`` under the temperature-scaled full distribution.
     Temperature 0 is greedy, with log-probs of the unscaled distribution (SGLang's convention).
+    ``suppress_ids`` are never sampled (like top-k/top-p, this leaves the reported log-probs unchanged).
     """
     logits = logits.float()
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     scaled = logits / temperature
     logprobs = scaled.log_softmax(-1)
+    if suppress_ids is not None and suppress_ids.numel():
+        scaled = scaled.index_fill(-1, suppress_ids, float("-inf"))
     if sampling.temperature <= 0:
         tokens = scaled.argmax(-1)
     else:
@@ -103,6 +109,7 @@ class HFEngine:
         max_batch_size: int = 64,
         stop_token_ids: Sequence[int] | None = None,
         shares_learner_weights: bool = False,
+        suppress_token_ids: Sequence[int] | None = None,
     ):
         self.model = model
         self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
@@ -115,6 +122,13 @@ class HFEngine:
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         )
         self.shares_learner_weights = shares_learner_weights
+        # A sampled image/video placeholder would not line up with any image when the learner re-reads the
+        # sequence: never sample the vision special tokens.
+        if suppress_token_ids is None:
+            config = getattr(model, "config", None)
+            names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+            suppress_token_ids = [getattr(config, n) for n in names if getattr(config, n, None) is not None]
+        self.suppress_token_ids = tuple(suppress_token_ids)
         self.last_stats: GenerateStats | None = None
 
     @classmethod
@@ -186,10 +200,13 @@ class HFEngine:
         logprobs: list[list[float]] = [[] for _ in flat_seeds]
         finish = ["length"] * len(flat_seeds)
         stop_ids = torch.tensor(self.stop_token_ids, device=device)
+        suppress_ids = torch.tensor(self.suppress_token_ids, dtype=torch.long, device=device)
         active = torch.arange(len(flat_seeds), device=device)  # sample index of each live row
 
         for step in range(sampling.max_new_tokens):
-            tokens, token_logprobs = sample_next_tokens(logits, sampling, [generators[i] for i in active.tolist()])
+            tokens, token_logprobs = sample_next_tokens(
+                logits, sampling, [generators[i] for i in active.tolist()], suppress_ids
+            )
             for sample, token, logprob in zip(active.tolist(), tokens.tolist(), token_logprobs.tolist()):
                 token_ids[sample].append(token)
                 logprobs[sample].append(logprob)
