@@ -1,12 +1,13 @@
 """The Triton backend (see :mod:`.backend_api`): CUDA tensors go through the ``ekipl::`` ops, whose CUDA
 kernels this module registers; other tensors run the very same kernels in Triton's interpreter.
 
-``triton.jit`` fixes at decoration time whether a kernel is compiled or interpreted, so the kernel
-package ``kernels/triton/`` is kept twice when both are needed: the ordinary import, and a second copy
-loaded under another module name with the interpreter switched on only while it is decorated. CPU
-tests therefore need no ``TRITON_INTERPRET`` in the environment and cannot disturb GPU runs in the
-same process (nor be disturbed by them). With ``TRITON_INTERPRET=1`` set, the ordinary import is the
-interpreted one and serves every device.
+``triton.jit`` fixes at decoration time whether a kernel is compiled or interpreted, and so does triton
+for its own library (``tl.sum``...) when it is first imported. The ordinary import of the kernel
+package ``kernels/triton/`` serves CUDA tensors; CPU tensors get a second copy of it, loaded under
+another module name with the interpreter switched on only while it is decorated, and run with triton's
+library interpreted too. CPU tests therefore need no ``TRITON_INTERPRET`` and work whenever triton
+was imported; GPU runs in the same process are untouched. With ``TRITON_INTERPRET=1`` set before
+triton's import, everything is interpreted, whatever the device.
 
 Knobs (read at each call): ``EKIPL_TRITON_SCHEDULE`` = ``rows`` (default, fastest) or ``vocab`` (least
 memory), ``EKIPL_TRITON_CHUNK_MB`` (logits scratch; see ``kernels/triton/linear_loss.py``).
@@ -36,7 +37,7 @@ except ImportError as exc:  # the backend reports it through ensure_available
     _IMPORT_ERROR = exc
 
 _PACKAGE_DIR = Path(__file__).with_name("triton")
-_packages: dict[bool, ModuleType] = {}
+_INTERPRETED_NAME = f"{__package__}._triton_interpreted"
 
 
 def ensure_available() -> None:
@@ -45,30 +46,32 @@ def ensure_available() -> None:
 
 
 def kernel_package(interpreted: bool) -> ModuleType:
-    """The kernel package whose kernels are interpreted (``True``) or compiled (``False``)."""
+    """The kernel package for CUDA tensors (``interpreted=False``) or other tensors (``True``)."""
     ensure_available()
-    if interpreted not in _packages:
-        main = importlib.import_module(".triton", __package__)
-        _packages.setdefault(main.tuning.INTERPRET, main)
-    if interpreted not in _packages:
-        _packages[interpreted] = _load_copy(interpreted)
-    return _packages[interpreted]
+    main = importlib.import_module(".triton", __package__)
+    if main.tuning.INTERPRET or not interpreted:
+        return main
+    return sys.modules.get(_INTERPRETED_NAME) or _load_interpreted_copy()
 
 
-def _load_copy(interpreted: bool) -> ModuleType:
-    name = f"{__package__}._triton_{'interpreted' if interpreted else 'compiled'}"
+def _load_interpreted_copy() -> ModuleType:
+    if getattr(triton, "knobs", None) is None:
+        raise BackendUnavailable(
+            f"triton {triton.__version__} cannot hold compiled and interpreted kernels in one process (needs "
+            "triton >= 3.4); for CPU tensors set TRITON_INTERPRET=1 before importing triton"
+        )
     with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpreted
+        triton.knobs.runtime.interpret = True
         spec = importlib.util.spec_from_file_location(
-            name, _PACKAGE_DIR / "__init__.py", submodule_search_locations=[str(_PACKAGE_DIR)]
+            _INTERPRETED_NAME, _PACKAGE_DIR / "__init__.py", submodule_search_locations=[str(_PACKAGE_DIR)]
         )
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[_INTERPRETED_NAME] = module
         try:
             spec.loader.exec_module(module)
         except BaseException:
-            for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
-                del sys.modules[loaded]
+            for name in [key for key in sys.modules if key.split(".")[:2] == _INTERPRETED_NAME.split(".")]:
+                del sys.modules[name]
             raise
     return module
 

@@ -63,9 +63,9 @@ def make_batch(*, vocab=1001, hidden_size=40, lengths=(1, 9, 1, 12, 17, 8), dtyp
     n = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     # Logits of spread ~logit_scale: hidden ~ N(0, 1), weight rows ~ N(0, 1/H).
-    hidden = torch.randn(n, hidden_size, generator=gen) * logit_scale
-    weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5
-    targets = torch.randint(0, vocab, (n,), generator=gen)
+    hidden = (torch.randn(n, hidden_size, generator=gen) * logit_scale).to(dtype).to(device)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype).to(device)
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
     origin = torch.zeros(n, dtype=torch.long)
     mask = torch.ones(n)
     seq = lambda s: slice(int(cu[s]), int(cu[s + 1]))  # noqa: E731
@@ -73,7 +73,7 @@ def make_batch(*, vocab=1001, hidden_size=40, lengths=(1, 9, 1, 12, 17, 8), dtyp
     origin[seq(3)] = 2  # expert-only sequence
     origin[int(cu[4]): int(cu[4]) + 6] = 1  # expert prefix, then the policy continues
     mask[int(cu[5]) + 5:] = 0.0  # padding at the tail
-    lp = torch.log_softmax((hidden.double() @ weight.double().T), -1).gather(1, targets[:, None]).squeeze(1)
+    lp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1).cpu()
     # Old log-probs spread the ratios across both clip boundaries; behaviour and reference likewise.
     old = (lp + 0.4 * torch.randn(n, generator=gen)).float()
     ref = (lp + 0.3 * torch.randn(n, generator=gen)).float()
@@ -85,7 +85,7 @@ def make_batch(*, vocab=1001, hidden_size=40, lengths=(1, 9, 1, 12, 17, 8), dtyp
         advantages=to(advantages), cu_seqlens=to(cu), origin=to(origin), old_logprobs=to(old), ref_logprobs=to(ref),
         behavior_logprobs=to(behavior), loss_mask=to(mask),
     )
-    return Batch(hidden.to(dtype).to(device), weight.to(dtype).to(device), to(targets), keywords)
+    return Batch(hidden, weight, targets, keywords)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,8 +129,12 @@ def check_linear(batch: Batch, config: LossConfig, tol: float, lp_tol: float = N
     # Masked tokens get exactly no gradient.
     masked = batch.keywords["loss_mask"] == 0
     assert bool((d_hidden[masked] == 0).all())
-    for key in ("clip_frac", "ratio_mean", "tokens_policy", "tokens_expert"):
-        assert out.stats[key] == pytest.approx(ref.stats[key], rel=1e-3, abs=1e-6)
+    # A token sitting on a clip bound may flip either way within rounding: allow one.
+    active = float((batch.keywords["loss_mask"] > 0).sum())
+    assert abs(out.stats["clip_frac"] - ref.stats["clip_frac"]) <= 1.0 / active + 1e-9
+    assert out.stats["ratio_mean"] == pytest.approx(ref.stats["ratio_mean"], rel=1e-3)
+    for key in ("tokens_policy", "tokens_expert"):
+        assert out.stats[key] == ref.stats[key]
     return out, ref
 
 
