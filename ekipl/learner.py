@@ -198,7 +198,7 @@ class Learner:
                 continue
             self.engine.backward(out.loss * rank_scale, scale_wrt_gas=False)
             weight = sum(s.num_tokens for s in chunk)
-            totals["loss"] = totals.get("loss", 0.0) + float(out.loss)
+            totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach())
             for key, value in out.stats.items():
                 totals[key] = totals.get(key, 0.0) + value * (1 if key.startswith("tokens_") else weight)
             totals["_tokens"] = totals.get("_tokens", 0.0) + weight

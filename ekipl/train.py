@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,7 +50,7 @@ from ekipl.config_loader import ConfigError, load_yaml, to_dict  # noqa: E402
 from ekipl.data import BadRecordError, Record, decode_completion, encode_prompt, load_records  # noqa: E402
 from ekipl.experts.pool import ExpertPool  # noqa: E402
 from ekipl.experts.prefix import guided_completion, prefixed_prompts  # noqa: E402
-from ekipl.groups import Candidate, assemble_groups, group_metrics  # noqa: E402
+from ekipl.groups import Candidate, Group, assemble_groups, group_metrics  # noqa: E402
 from ekipl.learner import Learner, NonFiniteLossError  # noqa: E402
 from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves  # noqa: E402
 from ekipl.packing import TrainSequence  # noqa: E402
@@ -72,6 +73,17 @@ def read_deepspeed_config(name: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"deepspeed.config={name!r} does not exist; use one of configs/ds_zero{{0,1,2,3}}.json")
     return load_yaml(path) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+
+
+@dataclass
+class Experience:
+    """One step's scored candidates (per prompt), the selected groups and the sequences to train on."""
+
+    records: list[Record]
+    policy: list[list[Candidate]]
+    experts: list[list[Candidate]]
+    groups: list[Group]
+    sequences: list[TrainSequence]
 
 
 class Trainer:
@@ -194,9 +206,37 @@ class Trainer:
 
     # -- one EKIPL step ---------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
-        cfg, timer = self.cfg, PhaseTimer()
-        start = time.perf_counter()
-        torch.manual_seed(sample_seed(cfg.run.seed, self.step_index, self.rank, "torch"))
+        timer, start = PhaseTimer(), time.perf_counter()
+        torch.manual_seed(sample_seed(self.cfg.run.seed, self.step_index, self.rank, "torch"))
+        batch = self.make_experience(timer)
+        self.engine.release_memory()  # a colocated engine frees the GPU for the learner; update_weights resumes it
+        with timer.phase("logprobs"):
+            self.learner.fill_logprobs(batch.sequences, old=self.needs_old_logprobs(len(batch.sequences)))
+        with timer.phase("update"):
+            update = self.learner.update(batch.sequences)
+        with timer.phase("sync"):
+            sync = self.engine.update_weights(self.learner.named_weights())
+        self.step_index += 1
+        seconds = time.perf_counter() - start
+        generated = sum(len(c.token_ids) for group in batch.policy for c in group)
+        trained = sum(s.num_tokens for s in batch.sequences)
+        return {
+            **self.reward_metrics(batch.policy, batch.experts),
+            **group_metrics(batch.groups),
+            **update,
+            **self.experts.step_metrics(),
+            **timer.as_metrics(),
+            "sync/bytes": float(sync.bytes), "sync/buckets": float(sync.buckets), "sync/seconds": sync.seconds,
+            "response_length": generated / max(sum(len(g) for g in batch.policy), 1),
+            "tokens_per_s": (generated + trained) / seconds,
+            "time/step": seconds,
+            "memory/peak_gb": peak_memory_gb(self.device),
+            "data/skipped_rows": float(self.skipped_rows),
+        }
+
+    def make_experience(self, timer: PhaseTimer) -> "Experience":
+        """Prompts -> policy and expert answers -> rewards -> groups -> the sequences to train on."""
+        cfg = self.cfg
         with timer.phase("prompts"):
             records, prompts = self.next_prompts()
         with timer.phase("experts_submit"):
@@ -204,46 +244,24 @@ class Trainer:
         with timer.phase("rollout"):
             policy_answers = self.policy_rollout(prompts, self.plain_samples)
         with timer.phase("rewards"):
-            policy_candidates = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs) for c in group]
-                                 for group, r in zip(policy_answers, records)]
+            policy = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs) for c in group]
+                      for group, r in zip(policy_answers, records)]
         with timer.phase("experts"):
             if pending is None and self.experts.enabled:
-                solved = [[c.reward for c in group] for group in policy_candidates]
+                solved = [[c.reward for c in group] for group in policy]
                 pending = self.experts.submit_unsolved(records, prompts, solved, step=self.step_index)
             answers = self.experts.collect(pending) if pending is not None else [[] for _ in records]
-            expert_candidates = [[self.score_expert(a, r) for a in per_prompt] for per_prompt, r in zip(answers, records)]
-        if self.cfg.experts.prefix_ratio > 0:
+            experts = [[self.score_expert(a, r) for a in per_prompt] for per_prompt, r in zip(answers, records)]
+        if cfg.experts.prefix_ratio > 0:
             with timer.phase("guided_rollout"):
                 for index, candidate in self.guided_rollout(prompts, answers, records):
-                    policy_candidates[index].append(candidate)
+                    policy[index].append(candidate)
         with timer.phase("groups"):
-            pooled = [p + e for p, e in zip(policy_candidates, expert_candidates)]
+            pooled = [p + e for p, e in zip(policy, experts)]
             groups = assemble_groups(pooled, cfg.group, random.Random(sample_seed(cfg.run.seed, self.step_index, self.rank)))
-            seqs = [TrainSequence(prompts[g.prompt_index], c.token_ids, c.origins, a, c.behavior_logprobs)
-                    for g in groups for c, a in zip(g.members, g.advantages)]
-        with timer.phase("logprobs"):
-            self.learner.fill_logprobs(seqs, old=self.needs_old_logprobs(len(seqs)))
-        with timer.phase("update"):
-            update = self.learner.update(seqs)
-        with timer.phase("sync"):
-            sync = self.engine.update_weights(self.learner.named_weights())
-        self.step_index += 1
-        seconds = time.perf_counter() - start
-        generated = sum(len(c.token_ids) for group in policy_answers for c in group)
-        trained = sum(s.num_tokens for s in seqs)
-        return {
-            **self.reward_metrics(policy_candidates, expert_candidates),
-            **group_metrics(groups),
-            **update,
-            **self.experts.step_metrics(),
-            **timer.as_metrics(),
-            "sync/bytes": float(sync.bytes), "sync/buckets": float(sync.buckets),
-            "response_length": generated / max(sum(len(g) for g in policy_answers), 1),
-            "tokens_per_s": (generated + trained) / seconds,
-            "time/step": seconds,
-            "memory/peak_gb": peak_memory_gb(self.device),
-            "data/skipped_rows": float(self.skipped_rows),
-        }
+            sequences = [TrainSequence(prompts[g.prompt_index], c.token_ids, c.origins, a, c.behavior_logprobs)
+                         for g in groups for c, a in zip(g.members, g.advantages)]
+        return Experience(records, policy, experts, groups, sequences)
 
     def next_prompts(self) -> tuple[list[Record], list[Prompt]]:
         """This rank's share of the step's prompts, encoded once and cached by record id.
@@ -379,7 +397,22 @@ class Trainer:
                     seed=self.cfg.run.seed, progress=False,
                 )
         dist.barrier()
-        return {"eval/score": summary["score"], **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")}} if summary else {}
+        if not summary:
+            return {}
+        return {"eval/score": summary["score"], **self.held_out_rewards(summary["predictions"], records),
+                **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")}}
+
+    def held_out_rewards(self, predictions_path: str, records: Sequence[Record]) -> dict[str, float]:
+        """The training reward (and format rate) of the evaluation's answers: the held-out mean reward."""
+        solutions = {r.id: r.solution for r in records}
+        totals, formatted = [], []
+        for line in Path(predictions_path).read_text().splitlines():
+            row = json.loads(line)
+            for text in row["completions"]:
+                parts = self.rewards.components(text, solutions[row["id"]])
+                totals.append(sum(parts.values()))
+                formatted.append(float(parts.get("format", 0.0) > 0))
+        return {"eval/reward_mean": sum(totals) / len(totals), "eval/format_rate": sum(formatted) / len(formatted)}
 
     def export(self) -> Path:
         """An HF-format folder (save_pretrained of policy and processor) that transformers and SGLang load."""
