@@ -1,0 +1,103 @@
+// The per-token GRPO loss l(lp, H) and its derivatives dl/dlp and dl/dH.
+//
+// The normative definition is ekipl_kernels.reference.token_losses (DESIGN.md, "The loss"); this is the
+// same math for one token, in double, with the reference's autograd conventions written out:
+//   * clip: the gradient of max(-rho*A, -clip(rho)*A) is zero only where the clipped branch is strictly
+//     larger (clamp passes gradient at its bounds, ties are inside the range where both branches agree);
+//   * dual clip replaces the loss by the constant -c*A (zero gradient);
+//   * the TIS weight min(exp(old - beh), cap) multiplies policy tokens and is not differentiated;
+//   * old_logprobs = None means old = stop_grad(lp): ratio 1, d(ratio)/d(lp) = 1.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace ekipl {
+
+enum ExpertMode : int64_t { kRatio = 0, kImportance = 1, kShaped = 2 };
+
+// The LossConfig scalars of ops.config_scalars; dual_clip and tis_cap are 0 when off.
+struct LossParams {
+  double eps_low;
+  double eps_high;
+  double dual_clip;
+  double beta;
+  int64_t kl_kind;  // 1, 2, 3 for k1, k2, k3
+  double entropy_coef;
+  int64_t expert_mode;
+  double shaping_gamma;
+  double tis_cap;
+};
+
+// One token's inputs; old/ref/beh are read only when has_old / the config needs them.
+struct TokenInput {
+  double logprob;
+  double entropy;
+  double advantage;
+  bool expert;
+  bool has_old;
+  double old_logprob;
+  double ref_logprob;
+  double behavior_logprob;
+};
+
+struct TokenLoss {
+  double loss;
+  double d_logprob;
+  double d_entropy;
+};
+
+inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
+  const double adv = t.advantage;
+  const double old = t.has_old ? t.old_logprob : t.logprob;
+  double pg;
+  double d_pg;
+  if (t.expert && p.expert_mode == kShaped) {
+    const double prob = std::exp(t.logprob);
+    const double denom = prob + p.shaping_gamma;
+    pg = -adv * prob / denom;
+    d_pg = -adv * p.shaping_gamma * prob / (denom * denom);
+  } else {
+    const double base = (t.expert && p.expert_mode == kImportance) ? t.behavior_logprob : old;
+    const double ratio = std::exp(t.logprob - base);
+    const double unclipped = -ratio * adv;
+    const double clipped = -std::min(std::max(ratio, 1.0 - p.eps_low), 1.0 + p.eps_high) * adv;
+    pg = std::max(unclipped, clipped);
+    d_pg = clipped > unclipped ? 0.0 : -adv * ratio;
+    if (p.dual_clip > 0.0 && adv < 0.0 && -p.dual_clip * adv < pg) {
+      pg = -p.dual_clip * adv;
+      d_pg = 0.0;
+    }
+    if (p.tis_cap > 0.0 && !t.expert) {
+      const double tis = std::min(std::exp(old - t.behavior_logprob), p.tis_cap);
+      pg *= tis;
+      d_pg *= tis;
+    }
+  }
+
+  double loss = pg;
+  double d_logprob = d_pg;
+  if (p.beta > 0.0) {
+    const double d = t.ref_logprob - t.logprob;
+    double kl;
+    double d_kl;  // d kl / d lp
+    if (p.kl_kind == 1) {
+      kl = -d;
+      d_kl = 1.0;
+    } else if (p.kl_kind == 2) {
+      kl = 0.5 * d * d;
+      d_kl = -d;
+    } else {
+      const double e = std::exp(d);
+      kl = e - d - 1.0;
+      d_kl = 1.0 - e;
+    }
+    loss += p.beta * kl;
+    d_logprob += p.beta * d_kl;
+  }
+  loss -= p.entropy_coef * t.entropy;
+  return {loss, d_logprob, -p.entropy_coef};
+}
+
+}  // namespace ekipl

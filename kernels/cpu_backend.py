@@ -1,0 +1,47 @@
+"""Backend "cpu": the fused C++ op (``csrc/grpo_loss_cpu.cpp``) behind the contract of ``backend_api``.
+
+The op is built just in time on first use (:mod:`~ekipl_kernels.op_builder`); :func:`ensure_available`
+raises :class:`~ekipl_kernels.backends.BackendUnavailable` with the compiler's message if it cannot be.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .backend_api import FusedResult
+from .config import LossConfig
+from .inputs import TokenInputs
+from .op_builder import load_cpu_op
+
+
+def ensure_available() -> None:
+    load_cpu_op()
+
+
+def _token_args(tok: TokenInputs) -> tuple:
+    return (tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs, tok.ref_logprobs, tok.behavior_logprobs)
+
+
+def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight):
+    loss, logprobs, entropy, d_hidden, d_weight = torch.ops.ekipl.fused_linear_grpo_loss(
+        hidden.detach(), weight.detach(), targets, *_token_args(tok), **ops.config_scalars(config),
+        need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
+    )
+    return FusedResult(
+        loss, logprobs, entropy if need_entropy else None, d_hidden if grad_hidden else None,
+        d_weight if grad_weight else None,
+    )
+
+
+def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits):
+    loss, logprobs, entropy, d_logits = torch.ops.ekipl.grpo_loss(
+        logits.detach(), targets, *_token_args(tok), **ops.config_scalars(config), need_entropy=need_entropy,
+        grad_logits=grad_logits,
+    )
+    return FusedResult(loss, logprobs, entropy if need_entropy else None, d_logits if grad_logits else None, None)
+
+
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool):
+    logprobs, entropy = torch.ops.ekipl.fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy)
+    return logprobs, entropy if return_entropy else None
