@@ -51,7 +51,7 @@ setup(
     version="0.1.0",
     description="Vision-EKIPL: GRPO with external-expert answers infused into groups, with fused Triton/C++ loss kernels",
     python_requires=">=3.10",
-    packages=["ekipl_kernels", "ekipl_kernels.integrations", "ekipl"]
+    packages=["ekipl_kernels", "ekipl_kernels.integrations", "ekipl_kernels.triton", "ekipl"]
     + [f"ekipl.{sub}" for sub in ("data", "rollout", "experts", "tools")],
     package_dir={"ekipl_kernels": "kernels"},
     package_data={"ekipl_kernels": ["csrc/*.cpp", "csrc/*.h"]},

@@ -29,6 +29,8 @@ class RunConfig:
     """output_dir: where metrics, checkpoints, the HF export and plots go. seed: everything derives
     from it. max_steps: EKIPL steps. save_every: checkpoint period (0: only at the end). keep_last:
     checkpoints kept. resume: "auto" (latest in output_dir), "never", or a checkpoint folder.
+    stop_at_step: end this invocation after that step with a checkpoint, as a job's time limit would
+    (0: run to max_steps); a later run with resume "auto" continues on the same schedule.
     eval_every: held-out evaluation period (0: only at the end; -1: never). log_every: progress-bar
     refresh period. wandb_project: also log to Weights & Biases when set."""
 
@@ -38,6 +40,7 @@ class RunConfig:
     save_every: int = 50
     keep_last: int = 2
     resume: str = "auto"
+    stop_at_step: int = 0
     eval_every: int = 0
     log_every: int = 1
     wandb_project: Optional[str] = None

@@ -435,13 +435,14 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step_index, disable=not self.is_main, desc="ekipl", dynamic_ncols=True)
         metrics: dict[str, float] = {}
         try:
-            while self.step_index < cfg.max_steps:
+            end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+            while self.step_index < end:
                 metrics = self.step()
                 last = self.step_index == cfg.max_steps
                 if cfg.eval_every > 0 and self.step_index % cfg.eval_every == 0 or (last and cfg.eval_every >= 0):
                     metrics.update(self.evaluate())
                 logger.log(self.step_index, metrics)
-                if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or last:
+                if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or self.step_index == end:
                     self.save()
                 bar.update(1)
                 if self.step_index % cfg.log_every == 0:
