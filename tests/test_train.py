@@ -130,3 +130,42 @@ def test_bad_key_and_missing_model_give_one_line_errors(tmp_path, capsys):
     assert "model.path" in err and "config.json" in err
     assert main(["--loss.kl=k4"]) == 2
     assert "LossConfig.kl" in capsys.readouterr().err
+
+
+def _launch(num_ranks: int, out_dir, model_dir) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    args = [f"--{key}={json.dumps(value) if isinstance(value, list) else value}"
+            for key, value in overrides(out_dir, model_dir, **{"run.max_steps": 1}).items()]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+                "--master_port", str(29500 + num_ranks + os.getpid() % 1000)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, str(repo / "ekipl" / "train.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    _launch(1, tmp_path / "one", tiny_model_dir)
+    _launch(2, tmp_path / "two", tiny_model_dir)
+    one, two = _comparable(tmp_path / "one")[0], _comparable(tmp_path / "two")[0]
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5, abs=1e-7)
+    a, b, initial = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights_of_model(tiny_model_dir)
+    assert a.keys() == b.keys()
+    update_one = torch.cat([(a[k] - initial[k]).flatten() for k in sorted(a)])
+    update_two = torch.cat([(b[k] - initial[k]).flatten() for k in sorted(a)])
+    assert update_one.norm() > 1e-3  # the step really moved the weights
+    # Adam's first step is ~lr * sign(g): where g is ~0, rounding of the cross-rank sum may flip a few
+    # elements, so compare the update as a whole and bound each element by a small share of lr.
+    assert (update_one - update_two).norm() / update_one.norm() < 1e-3
+    assert (update_one - update_two).abs().max() < 1e-2 * 1e-3
+
+
+def _weights_of_model(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
