@@ -207,6 +207,7 @@ class Learner:
             self._skip_step()
             return {"skipped_steps": 1.0}
         self.bad_steps = 0
+        local_norm = self._grad_norm_before_step()
         self.engine.step()
         tokens = max(totals.pop("_tokens", 1.0), 1.0)
         metrics = {
@@ -215,8 +216,7 @@ class Learner:
         }
         metrics["loss"] = all_reduce_sum(metrics.get("loss", 0.0), self.device)
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else local_norm
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["skipped_steps"] = 0.0
         return metrics
@@ -246,6 +246,13 @@ class Learner:
         out = result["out"]
         out.loss = loss
         return out
+
+    def _grad_norm_before_step(self) -> float:
+        """The gradient norm where DeepSpeed does not report one (ZeRO-0: gradients live on the parameters)."""
+        if self.engine.zero_optimization_stage() > 0:
+            return float("nan")
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
 
     def _skip_step(self) -> None:
         """Drops the accumulated gradients of a mini-batch with a non-finite loss; stops after K in a row."""
