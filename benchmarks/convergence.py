@@ -1,10 +1,11 @@
 """EKIPL vs plain GRPO on the embedded tiny default: same seed, same policy samples, same steps.
 
-    python benchmarks/convergence.py [--steps 40] [--out benchmarks/results/convergence]
+    python benchmarks/convergence.py [--steps 80] [--out benchmarks/results]
 
-Runs ``ekipl/train.py`` twice in fresh processes — once with the config's experts, once with none
-(plain GRPO) — evaluates both on the held-out split, and writes ``convergence.json`` and
-``convergence.png`` (training reward per step, held-out mean reward at each evaluation).
+Runs ``ekipl/train.py`` twice in fresh processes (run folders under ``--work``) — once with the config's
+experts, once with none (plain GRPO) — evaluates both on the held-out split, and writes
+``convergence.json`` and ``convergence.png`` into ``--out`` (training reward per step, held-out mean
+reward at each evaluation).
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ def final(rows: list[dict], key: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "convergence")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "convergence", help="run folders")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="JSON and PNG")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     runs = {
-        "ekipl": train("ekipl", args.config, args.out, args.steps, args.eval_every, []),
-        "grpo": train("grpo", args.config, args.out, args.steps, args.eval_every, ["--experts.experts=[]"]),
+        "ekipl": train("ekipl", args.config, args.work, args.steps, args.eval_every, []),
+        "grpo": train("grpo", args.config, args.work, args.steps, args.eval_every, ["--experts.experts=[]"]),
     }
     summary = {
         name: {
