@@ -11,3 +11,19 @@ def tiny_model_dir(tmp_path_factory):
     from ekipl.tools.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    """The tiny model's processor (PIL image processor, no torchvision)."""
+    from ekipl.models import load_processor
+
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """A fresh copy of the tiny policy per test module (modules may change its weights)."""
+    from ekipl.models import load_policy
+
+    return load_policy(tiny_model_dir)

@@ -10,13 +10,8 @@ from PIL import Image
 
 from ekipl.data import Record, encode_prompt
 from ekipl.eval import EVAL_SAMPLING, evaluate, format_table, pass_at_k
-from ekipl.models import load_processor
 from ekipl.rollout.base import Completion
 
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

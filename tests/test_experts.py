@@ -21,20 +21,11 @@ from ekipl.experts.oracle_expert import OracleExpert
 from ekipl.experts.pool import ExpertPool
 from ekipl.experts.prefix import guided_completion, prefix_length, prefixed_prompts
 from ekipl.experts.sglang_expert import SGLangExpert
-from ekipl.models import load_policy, load_processor
 from ekipl.rewards import accuracy_reward
 from ekipl.rollout.base import Completion, Prompt, SamplingParams
 from ekipl.rollout.hf import HFEngine
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,6 @@ from ekipl.models import (
 from ekipl.tools import tiny_model
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
 
 
 def padded_batch(prompts, pad_id, *, left: bool):

@@ -8,19 +8,11 @@ import pytest
 import torch
 from fakes.prompts import image_prompts
 
-from ekipl.models import load_policy, load_processor
+from ekipl.models import load_policy
 from ekipl.rollout.base import SamplingParams
 from ekipl.rollout.hf import HFEngine, filter_logits, sample_next_tokens
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fakes.prompts import chat_prompt, image_prompts
 from fakes.sglang import FakeSGLangServer, HFBackedGenerate, RecordingEngine
 from PIL import Image
 
-from ekipl.models import load_policy, load_processor
+from ekipl.models import load_policy
 from ekipl.rollout.base import SamplingParams
 from ekipl.rollout.hf import HFEngine
 from ekipl.rollout.sglang import (
@@ -35,14 +35,6 @@ from ekipl.rollout.weight_sync import buckets_of, tensor_bytes, transformers_to_
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return load_processor(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
