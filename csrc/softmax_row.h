@@ -63,13 +63,13 @@ RowSoftmax row_softmax(const T* x, int64_t n, T inv_tau, bool want_entropy) {
     if (want_entropy) {
       for (; i < block_end; i += kWidth) {
         const Vec u = Vec::loadu(x + i) * scale - shift;
-        const Vec e = u.exp();
+        const Vec e = u.exp_u20();
         block_sum = block_sum + e;
         block_weighted = at::vec::fmadd(e, u, block_weighted);
       }
     } else {
       for (; i < block_end; i += kWidth) {
-        block_sum = block_sum + (Vec::loadu(x + i) * scale - shift).exp();
+        block_sum = block_sum + (Vec::loadu(x + i) * scale - shift).exp_u20();
       }
     }
     T lanes[kWidth];
@@ -109,7 +109,7 @@ void row_grad(const T* x, T* grad, int64_t n, T inv_tau, const RowSoftmax& r, in
   const int64_t vector_end = n - n % kWidth;
   for (; i < vector_end; i += kWidth) {
     const Vec u = Vec::loadu(x + i) * scale - shift;
-    const Vec p = (u - vlog_sum).exp();
+    const Vec p = (u - vlog_sum).exp_u20();
     (Vec(T(0)) - p * at::vec::fmadd(vch, u, vbase)).store(grad + i);
   }
   for (; i < n; ++i) {

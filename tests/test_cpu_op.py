@@ -188,9 +188,9 @@ def test_large_logits(backend):
 
 
 def test_many_chunks(monkeypatch):
-    """A 1 MiB chunk budget splits 150 rows of V=4099 into chunks of 64 (the last one partial)."""
+    """A 1 MiB budget (64 rows of V=4099) splits 151 rows into chunks of 51, 51 and 49."""
     monkeypatch.setenv("EKIPL_CPU_CHUNK_MB", "1")
-    batch = make_batch([40, 1, 59, 50], vocab=4099, width=24, dtype=torch.float32, seed=3)
+    batch = make_batch([40, 1, 59, 51], vocab=4099, width=24, dtype=torch.float32, seed=3)
     compare_with_reference(batch, LossConfig(beta=0.04, entropy_coef=0.01, agg="seq-mean-token-mean"), "cpu")
 
 
