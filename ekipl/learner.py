@@ -73,6 +73,29 @@ def _through_head(head: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], to
         head.forward = original
 
 
+class PolicyLoss(nn.Module):
+    """What the DeepSpeed engine wraps: the policy, with a forward that returns the fused loss.
+
+    Going through ``engine(...)`` (not the bare module) lets DeepSpeed do its per-forward bookkeeping:
+    ZeRO's micro-step counter, which decides whether a backward accumulates into or overwrites the
+    gradient partitions, and its backward hooks on the output.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: MicroBatch, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        hidden = completion_hidden_states(self.policy, batch)
+        return _through_head(self.policy.get_output_embeddings(), loss_fn, hidden)
+
+
+def completion_hidden_states(model: nn.Module, batch: MicroBatch) -> torch.Tensor:
+    """The ``[N, H]`` last hidden states that predict the batch's completion tokens."""
+    hidden = last_hidden_states(model, batch.input_ids, batch.attention_mask, **batch.mm_inputs)
+    return hidden.reshape(-1, hidden.shape[-1])[batch.hidden_index]
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -118,7 +141,7 @@ class Learner:
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            model=PolicyLoss(policy), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.device = self.engine.device
         self.reference = reference
@@ -128,7 +151,8 @@ class Learner:
 
     @property
     def model(self) -> nn.Module:
-        return self.engine.module
+        """The policy itself (transformers names), inside the engine's wrapper."""
+        return self.engine.module.policy
 
     # -- log-probs -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,7 +169,7 @@ class Learner:
             model.eval()
             for chunk in _chunks(seqs, self.optim_cfg.micro_batch_size):
                 mb = make_micro_batch(chunk, self.pad_id, self.device)
-                hidden = self._hidden(model, mb)
+                hidden = completion_hidden_states(model, mb)
                 lp = _through_head(
                     model.get_output_embeddings(),
                     lambda h, w: fused_linear_logprobs(h, w, mb.targets, temperature=self.loss_cfg.temperature),
@@ -155,10 +179,6 @@ class Learner:
                     setattr(seq, name, part)
             model.train(was_training)
         return time.perf_counter() - start
-
-    def _hidden(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-        hidden = last_hidden_states(model, mb.input_ids, mb.attention_mask, **mb.mm_inputs)
-        return hidden.reshape(-1, hidden.shape[-1])[mb.hidden_index]
 
     # -- the update -------------------------------------------------------------------------------------
     def update(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
@@ -229,7 +249,6 @@ class Learner:
             # Tokens whose generator gave no log-probs take the old policy's: their ratio stays pi/pi_old.
             fallback = old if old is not None else torch.full_like(behavior, float("nan"))
             behavior = torch.where(torch.isnan(behavior), fallback.to(self.device), behavior)
-        hidden = self._hidden(self.model, mb)
         result = {}
 
         def loss_fn(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -242,7 +261,7 @@ class Learner:
             )
             return result["out"].loss
 
-        loss = _through_head(self.model.get_output_embeddings(), loss_fn, hidden)
+        loss = self.engine(mb, loss_fn)
         out = result["out"]
         out.loss = loss
         return out
@@ -268,8 +287,19 @@ class Learner:
             )
 
     def named_weights(self):
-        """The policy's parameters by transformers name, for the rollout engine's weight sync."""
-        return ((name, p.detach()) for name, p in self.model.named_parameters())
+        """The policy's parameters by transformers name, for the rollout engine's weight sync.
+
+        Under ZeRO-3 each parameter is gathered in turn (a collective: every rank must consume the whole
+        iterator) and handed out as a full copy, so the engine can bucket it.
+        """
+        if self.engine.zero_optimization_stage() != 3:
+            yield from ((name, p.detach()) for name, p in self.model.named_parameters())
+            return
+        import deepspeed
+
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield name, param.detach().clone()
 
 
 def _chunks(items: Sequence, size: int):

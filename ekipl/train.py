@@ -418,7 +418,9 @@ class Trainer:
         """An HF-format folder (save_pretrained of policy and processor) that transformers and SGLang load."""
         out = self.out_dir / "hf_export"
         engine = self.learner.engine
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+        state = None
+        if engine.zero_optimization_stage() == 3:  # gather the partitions; drop the engine wrapper's prefix
+            state = {k.removeprefix("policy."): v for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
         if self.is_main:
             self.learner.model.save_pretrained(out, state_dict=state)
             self.processor.save_pretrained(out)

@@ -47,8 +47,9 @@ def test_one_step_matches_the_reference_loss_and_gradient(trainer):
 
     model.zero_grad(set_to_none=True)
     out = learner._micro_batch_loss(mb, normalizer)
-    out.loss.backward()
+    learner.engine.backward(out.loss, scale_wrt_gas=False)
     fused_grad = probe.grad.detach().clone()
+    learner.engine.optimizer.zero_grad()
 
     model.zero_grad(set_to_none=True)
     # the model's own forward, logits and all (Qwen-VL needs the token types to place the image positions)
@@ -169,3 +170,32 @@ def _weights_of_model(path):
     from safetensors.torch import load_file
 
     return load_file(str(path / "model.safetensors"))
+
+
+def _reference_grad_norm(model_dir, seqs, pad_id, config, normalizer):
+    """The full-batch gradient norm of the reference loss, on a plain (non-DeepSpeed) copy of the policy."""
+    from ekipl.models import load_policy
+
+    model = load_policy(model_dir)
+    mb = make_micro_batch(seqs, pad_id, torch.device("cpu"))
+    types = multimodal_token_types(mb.input_ids, model.config)
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, mm_token_type_ids=types, **mb.mm_inputs).logits
+    rows = logits.reshape(-1, logits.shape[-1])[mb.hidden_index]
+    loss = reference.grpo_loss(rows, mb.targets, advantages=mb.advantages, cu_seqlens=mb.cu_seqlens, origin=mb.origin,
+                               normalizer=normalizer, config=config).loss
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return torch.stack([g.double().norm() for g in grads]).norm().item()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_micro_batches_accumulate_to_the_full_batch_gradient_under_every_zero_stage(stage, tiny_model_dir, tmp_path):
+    from ekipl.train import Trainer
+
+    extra = {"deepspeed.config": f"configs/ds_zero{stage}.json", "loss.beta": 0.0, "optim.micro_batch_size": 5}
+    trainer = Trainer(load_config(None, overrides(tmp_path, tiny_model_dir, **extra)))
+    seqs = trainer.make_experience(PhaseTimer()).sequences
+    assert len(seqs) > 5  # several micro-batches
+    expected = _reference_grad_norm(tiny_model_dir, seqs, trainer.learner.pad_id, trainer.cfg.loss,
+                                    trainer.learner._normalizer(seqs))
+    metrics = trainer.learner.update(seqs)
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
