@@ -86,7 +86,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) is not None]
 
 
-def plot_curves(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("reward/mean", "reward/accuracy", "eval/score")) -> Path:
+def plot_curves(metrics_path: Path, out_png: Path, keys: tuple[str, ...] = ("reward/mean", "reward/accuracy", "eval/reward_mean", "eval/score")) -> Path:
     """A PNG with one panel per key found in the metrics (reward and accuracy curves)."""
     import matplotlib
 

@@ -24,6 +24,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)  # run as a script: don't let ekipl/'s modules shadow top-level packages
 
 import torch
+import yaml
 
 
 def _prepare_environment() -> torch.device:
@@ -104,7 +105,7 @@ class Trainer:
             )
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.resolved.yaml").write_text(json.dumps(to_dict(cfg), indent=2))
+            (self.out_dir / "config.resolved.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.model_path = self._model_path()
         self.train_records, self.test_records = self._datasets()
         self._build_components()

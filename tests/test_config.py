@@ -59,3 +59,13 @@ def test_override_syntax_errors():
         parse_overrides(["optim.lr=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_saved_resolved_config_loads_back_to_the_same_config(path):
+    import yaml
+
+    from ekipl.config_loader import from_dict
+
+    cfg = load_config(path)
+    assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))) == cfg
