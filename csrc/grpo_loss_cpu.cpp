@@ -21,12 +21,12 @@
 namespace ekipl {
 namespace {
 
-// Rows per chunk: the buffer chunk_rows * V * 4 bytes stays near a fixed budget, so it does not grow
-// with V. 160 MiB is about 270 rows at V = 152k: there the chunk GEMMs run about as fast as whole-batch
-// GEMMs (64 MiB, ~110 rows, costs 10-15% more on two cores), and the buffer is still a tenth of the
-// memory of materialised [1024, V] logits. EKIPL_CPU_CHUNK_MB overrides the budget (tests use it to
-// force many chunks).
-constexpr int64_t kDefaultChunkMiB = 160;
+// Rows per chunk: the buffer chunk_rows * V * 4 bytes stays under a fixed budget, so it does not grow
+// with V. 200 MiB is about 340 rows at V = 152k: every GEMM call streams the whole weight, so chunks of a
+// few hundred rows keep that cost small (64 MiB, ~110 rows, costs 10-15% more time on two cores), and the
+// buffer is still about a seventh of the [1024, V] logits with their gradient that a materialised loss
+// holds. EKIPL_CPU_CHUNK_MB overrides the budget (tests use it to force many chunks).
+constexpr int64_t kDefaultChunkMiB = 200;
 constexpr int64_t kMinChunkRows = 16;
 
 int64_t chunk_budget_bytes() {
