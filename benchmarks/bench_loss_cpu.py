@@ -3,14 +3,16 @@
 Compared on the same inputs, in one process, at H=512, V=151936 fp32 and N in {256, 1024, 4096}:
 
 * ``ekipl cpu``: :func:`ekipl_kernels.fused_linear_grpo_loss` with the fused C++ op (``backend="cpu"``).
-* ``materialised``: plain PyTorch in fp32 with autograd over the whole ``[N, V]`` logits, the math of
-  ``ekipl_kernels.reference`` (which itself runs in fp64 and is the oracle of the tests, not a speed
-  contender). Only what the config needs is computed (no entropy), as a careful user would write it.
+* ``reference-style``: ``ekipl_kernels.reference.grpo_loss`` step by step but in fp32 (the reference
+  itself runs in fp64 and is the oracle of the tests, not a speed contender): whole ``[N, V]`` logits
+  with autograd, divided by the temperature, entropy always computed as the reference does.
+* ``materialised``: the same whole-logits autograd path doing only what the config needs (no entropy,
+  no division at temperature 1), as a careful user would write it: the stronger baseline.
 * ``ekipl chunked``: the portable torch backend (``backend="chunked"``).
 * ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (``loss_type="dapo"``, i.e. token-mean, k3 KL,
   torch.compile'd loss math, one sequence per chunk), which recomputes the logits in its backward.
 
-The loss is the same for all four: policy-token clipped ratio with old log-probs, k3 KL (beta 0.04) to
+The loss is the same for all five: policy-token clipped ratio with old log-probs, k3 KL (beta 0.04) to
 reference log-probs, token-mean over 128-token sequences, temperature 1; the table shows each loss so
 that the agreement is visible.
 
@@ -22,14 +24,16 @@ gives the median and the best (least disturbed) wall time, and the median CPU ti
 Memory: the kernel's peak resident set size (``VmHWM`` of ``/proc/self/status``) during forward +
 backward, after resetting the peak to the current RSS (writing ``5`` to ``/proc/self/clear_refs``), so no
 allocation is missed however short-lived, unlike a sampler. Two numbers: ``peak extra`` = peak - RSS
-before the call; ``workspace`` = ``peak extra`` - the bytes of the gradients left in ``.grad`` afterwards
-(every method must produce the same ``[V, H]`` and ``[N, H]`` gradients, so that part cannot shrink;
-the workspace is what a method adds on top: logits, probabilities, buffers). glibc is told to serve
-every allocation above 64 KiB with mmap (``mallopt``), so that freed memory leaves the RSS at once and
-one method's leftovers never hide the next one's peak.
+before the call; ``workspace`` = ``peak extra`` - the bytes of the gradients left in ``.grad`` afterwards.
+Every method must produce the same ``[V, H]`` and ``[N, H]`` gradients, so that part cannot shrink; the
+workspace is what a method adds on top (logits, probabilities, buffers). It is exact where the gradients
+are alive at the peak (the fused op forms them in its forward) and a lower bound where the peak comes
+before them (the materialised paths peak in their forward), so ratios against those are conservative.
+glibc is told to serve every allocation above 64 KiB with mmap (``mallopt``), so that freed memory
+leaves the RSS at once and one method's leftovers never hide the next one's peak.
 
-Usage: ``python benchmarks/bench_loss_cpu.py [--sizes 256,1024,4096] [--repeats 5] [--methods ...] [--out FILE]``.
-Results are printed as a table and written to ``benchmarks/results/bench_loss_cpu.json``.
+Usage: ``python benchmarks/bench_loss_cpu.py [--sizes 256,1024,4096] [--repeats 5] [--methods A,B]``.
+Prints a table and writes ``benchmarks/results/bench_loss_cpu.json`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ VOCAB = 151936
 SEQ_LEN = 128
 THREADS = 2
 CONFIG = LossConfig(beta=0.04, kl="k3")
-METHODS = ("ekipl cpu", "materialised", "ekipl chunked", "liger")
+METHODS = ("ekipl cpu", "reference-style", "materialised", "ekipl chunked", "liger")
+BASELINES = ("reference-style", "materialised")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loss_cpu.json"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -108,24 +113,34 @@ def run_ekipl(backend: str) -> Callable[[Batch], torch.Tensor]:
     return run
 
 
-def run_materialised(b: Batch) -> torch.Tensor:
-    tok = prepare_token_inputs(
-        b.hidden.shape[0], b.hidden.device, advantages=b.advantages, cu_seqlens=b.cu_seqlens, origin=None,
-        old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, behavior_logprobs=None, loss_mask=None,
-        normalizer=None, config=CONFIG,
-    )
-    logits = b.hidden @ b.weight.T
-    if CONFIG.temperature != 1.0:
-        logits = logits / CONFIG.temperature
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)
-    del logits
-    loss_t, _ = token_losses(
-        lp, None, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
-        ref_logprobs=tok.ref_logprobs, behavior_logprobs=None, config=CONFIG,
-    )
-    loss = (loss_t * tok.agg_weight).sum()
-    loss.backward()
-    return loss.detach()
+def run_materialised(reference_style: bool) -> Callable[[Batch], torch.Tensor]:
+    """Plain autograd over fp32 ``[N, V]`` logits; ``reference_style`` follows ``reference.grpo_loss`` step
+    by step (divide by the temperature, entropy always computed), otherwise only what the config needs."""
+
+    def run(b: Batch) -> torch.Tensor:
+        tok = prepare_token_inputs(
+            b.hidden.shape[0], b.hidden.device, advantages=b.advantages, cu_seqlens=b.cu_seqlens, origin=None,
+            old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, behavior_logprobs=None, loss_mask=None,
+            normalizer=None, config=CONFIG,
+        )
+        logits = b.hidden @ b.weight.T
+        if reference_style or CONFIG.temperature != 1.0:
+            logits = logits / CONFIG.temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        del logits
+        lp = logp.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1) if reference_style or CONFIG.entropy_coef != 0 else None
+        del logp
+        loss_t, _ = token_losses(
+            lp, entropy, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
+            ref_logprobs=tok.ref_logprobs, behavior_logprobs=None, config=CONFIG,
+        )
+        loss = (loss_t * tok.agg_weight).sum()
+        del entropy  # the reference drops it when it returns, before the caller's backward()
+        loss.backward()
+        return loss.detach()
+
+    return run
 
 
 def run_liger() -> Callable[[Batch], torch.Tensor]:
@@ -214,7 +229,7 @@ def git_commit() -> str:
 
 
 def materialised_fits(n: int) -> bool:
-    """The materialised path holds about four fp32 [N, V] tensors at its peak; skip it if they cannot fit."""
+    """The materialised paths hold up to about four fp32 [N, V] tensors; skip them if those cannot fit."""
     import psutil
 
     return 4 * n * VOCAB * 4 < 0.8 * psutil.virtual_memory().available
@@ -233,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     torch.set_num_threads(args.threads)
     factories = {
         "ekipl cpu": lambda: run_ekipl("cpu"),
-        "materialised": lambda: run_materialised,
+        "reference-style": lambda: run_materialised(reference_style=True),
+        "materialised": lambda: run_materialised(reference_style=False),
         "ekipl chunked": lambda: run_ekipl("chunked"),
         "liger": run_liger,
     }
@@ -242,21 +258,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         batch = make_batch(n)
-        active = {name: run for name, run in methods.items() if name != "materialised" or materialised_fits(n)}
+        active = {name: run for name, run in methods.items() if name not in BASELINES or materialised_fits(n)}
         if len(active) < len(methods):
-            print(f"N={n}: skipping the materialised path (not enough free memory)")
+            print(f"N={n}: skipping the materialised paths (not enough free memory)")
         results = measure(active, batch, args.repeats)
         for name, r in results.items():
             print(f"N={n} {name}: {r}", flush=True)
-        base = results.get("materialised")
         for name, r in results.items():
-            rows.append({
-                "N": n, "method": name, **r,
-                "time_vs_materialised": r["time_s"] / base["time_s"] if base else None,
-                "time_min_vs_materialised": r["time_min_s"] / base["time_min_s"] if base else None,
-                "peak_extra_vs_materialised": r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else None,
-                "workspace_vs_materialised": r["workspace_bytes"] / base["workspace_bytes"] if base else None,
-            })
+            row = {"N": n, "method": name, **r}
+            for base_name in BASELINES:
+                base = results.get(base_name)
+                for key in ("time_s", "time_min_s", "peak_extra_bytes", "workspace_bytes"):
+                    row[f"{key}_vs_{base_name}"] = r[key] / base[key] if base else None
+            rows.append(row)
         del batch
 
     report = {
@@ -279,20 +293,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    def ratio(x):
+    def ratio(r: dict, key: str, base: str) -> str:
+        x = r[f"{key}_vs_{base}"]
         return "-" if x is None else f"{x:.2f}x"
 
     lines = [
-        "| N | method | fwd+bwd s (median) | vs materialised | best s | vs materialised | CPU s | peak extra MiB "
-        "| vs materialised | workspace MiB | vs materialised | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | method | fwd+bwd s (median / best) | CPU s | peak extra MiB | workspace MiB | time vs reference-style "
+        "| time vs materialised | workspace vs reference-style | workspace vs materialised | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['N']} | {r['method']} | {r['time_s']:.3f} | {ratio(r['time_vs_materialised'])} | "
-            f"{r['time_min_s']:.3f} | {ratio(r['time_min_vs_materialised'])} | {r['cpu_s']:.2f} | "
-            f"{r['peak_extra_bytes'] / 2**20:.0f} | {ratio(r['peak_extra_vs_materialised'])} | "
-            f"{r['workspace_bytes'] / 2**20:.0f} | {ratio(r['workspace_vs_materialised'])} | {r['loss']:.6f} |"
+            f"| {r['N']} | {r['method']} | {r['time_s']:.2f} / {r['time_min_s']:.2f} | {r['cpu_s']:.2f} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['workspace_bytes'] / 2**20:.0f} | "
+            f"{ratio(r, 'time_s', 'reference-style')} | {ratio(r, 'time_s', 'materialised')} | "
+            f"{ratio(r, 'workspace_bytes', 'reference-style')} | {ratio(r, 'workspace_bytes', 'materialised')} | "
+            f"{r['loss']:.6f} |"
         )
     return "\n".join(lines)
 

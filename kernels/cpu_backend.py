@@ -23,7 +23,9 @@ def _token_args(tok: TokenInputs) -> tuple:
     return (tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs, tok.ref_logprobs, tok.behavior_logprobs)
 
 
-def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight):
+def linear_loss(
+    hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight
+):
     loss, logprobs, entropy, d_hidden, d_weight = torch.ops.ekipl.fused_linear_grpo_loss(
         hidden.detach(), weight.detach(), targets, *_token_args(tok), **ops.config_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,

@@ -74,7 +74,8 @@ def make_batch(lengths, vocab, width, dtype, *, seed, scale=1.0, per_token_adv=F
         targets=targets,
         cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]),
         advantages=torch.randn(n if per_token_adv else len(lengths), generator=gen),
-        origin=torch.randint(0, 3, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.4) if origin is None else origin,
+        origin=(torch.randint(0, 3, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.4)
+                if origin is None else origin),
         old_logprobs=near(0.3) if with_old else None,
         ref_logprobs=near(0.3),
         behavior_logprobs=near(0.5),

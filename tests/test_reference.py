@@ -265,13 +265,28 @@ def _call(backend: str = "reference", config: Optional[LossConfig] = None, **cha
 
 N = sum(LENGTHS)
 BAD_INPUTS = {
-    "ref-missing-with-beta": (dict(ref_logprobs=None, config=LossConfig(beta=0.1)), r"ref_logprobs \[N\]=\[9\] is required when beta > 0"),
-    "behavior-missing-with-is": (dict(behavior_logprobs=None, config=LossConfig(expert_mode="is")), r"behavior_logprobs .*expert_mode='is'"),
-    "behavior-missing-with-tis": (dict(behavior_logprobs=None, config=LossConfig(tis_cap=2.0)), r"behavior_logprobs .*tis_cap=2.0"),
+    "ref-missing-with-beta": (
+        dict(ref_logprobs=None, config=LossConfig(beta=0.1)),
+        r"ref_logprobs \[N\]=\[9\] is required when beta > 0",
+    ),
+    "behavior-missing-with-is": (
+        dict(behavior_logprobs=None, config=LossConfig(expert_mode="is")),
+        r"behavior_logprobs .*expert_mode='is'",
+    ),
+    "behavior-missing-with-tis": (
+        dict(behavior_logprobs=None, config=LossConfig(tis_cap=2.0)),
+        r"behavior_logprobs .*tis_cap=2.0",
+    ),
     "hidden-1d": (dict(hidden=torch.randn(N)), r"hidden must be a 2-D tensor \[N, H\]"),
     "weight-width": (dict(weight=torch.randn(VOCAB, 5)), r"disagree on H: weight must be \[V, 4\]"),
-    "weight-dtype": (dict(weight=torch.randn(VOCAB, 4, dtype=torch.float64)), r"weight dtype torch.float64 must equal hidden dtype"),
-    "hidden-int": (dict(hidden=torch.ones(N, 4, dtype=torch.int32), weight=torch.ones(VOCAB, 4, dtype=torch.int32)), r"hidden must be fp32, bf16, fp16"),
+    "weight-dtype": (
+        dict(weight=torch.randn(VOCAB, 4, dtype=torch.float64)),
+        r"weight dtype torch.float64 must equal hidden dtype",
+    ),
+    "hidden-int": (
+        dict(hidden=torch.ones(N, 4, dtype=torch.int32), weight=torch.ones(VOCAB, 4, dtype=torch.int32)),
+        r"hidden must be fp32, bf16, fp16",
+    ),
     "weight-device": (dict(weight=torch.randn(VOCAB, 4, device="meta")), r"weight is on meta but hidden is on cpu"),
     "targets-shape": (dict(targets=torch.zeros(N + 1, dtype=torch.long)), r"targets must be a tensor of shape \[9\]"),
     "targets-float": (dict(targets=torch.zeros(N)), r"targets must be int64"),
@@ -281,8 +296,14 @@ BAD_INPUTS = {
     "cu-seqlens-end": (dict(cu_seqlens=torch.tensor([0, 3, 8])), r"cu_seqlens must start at 0 and end at N=9"),
     "cu-seqlens-start": (dict(cu_seqlens=torch.tensor([1, 3, 9])), r"cu_seqlens must start at 0"),
     "cu-seqlens-not-monotone": (dict(cu_seqlens=torch.tensor([0, 6, 3, 9])), r"cu_seqlens must be non-decreasing"),
-    "cu-seqlens-device": (dict(cu_seqlens=torch.tensor([0, 3, 4, 9], device="meta")), r"cu_seqlens is on meta; expected cpu"),
-    "advantages-shape": (dict(advantages=torch.randn(5)), r"advantages must have shape \[S\]=\[3\] \(per sequence\) or \[N\]=\[9\]"),
+    "cu-seqlens-device": (
+        dict(cu_seqlens=torch.tensor([0, 3, 4, 9], device="meta")),
+        r"cu_seqlens is on meta; expected cpu",
+    ),
+    "advantages-shape": (
+        dict(advantages=torch.randn(5)),
+        r"advantages must have shape \[S\]=\[3\] \(per sequence\) or \[N\]=\[9\]",
+    ),
     "origin-float": (dict(origin=torch.zeros(N)), r"origin must be an integer tensor of shape \[9\]"),
     "old-shape": (dict(old_logprobs=torch.randn(N, 1)), r"old_logprobs must be a tensor of shape \[9\]"),
     "old-int": (dict(old_logprobs=torch.zeros(N, dtype=torch.long)), r"old_logprobs must be a floating tensor"),
