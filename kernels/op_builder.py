@@ -31,6 +31,7 @@ _CAPABILITY_FLAGS = {
 }
 
 _loaded: dict[str, str] = {}
+_failed: dict[str, BackendUnavailable] = {}  # a failed build is not retried in the same process
 
 
 def csrc_dir() -> Path:
@@ -67,6 +68,8 @@ def build_op(name: str, sources: Sequence[Path], extra_cflags: Sequence[str] = (
 
     if name in _loaded:
         return _loaded[name]
+    if name in _failed:
+        raise _failed[name]
     folders = {Path(s).resolve().parent for s in sources}
     digest = "".join(_sources_digest(folder) for folder in sorted(folders))
     try:
@@ -82,10 +85,11 @@ def build_op(name: str, sources: Sequence[Path], extra_cflags: Sequence[str] = (
         message = str(exc).strip()
         tail = "\n".join(message.splitlines()[-40:])
         where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
-        raise BackendUnavailable(
+        _failed[name] = BackendUnavailable(
             f"building the C++ op {name!r} failed (a C++17 compiler with OpenMP and ninja are needed; "
             f"build folder under {where}). Compiler output:\n{tail}"
-        ) from exc
+        )
+        raise _failed[name] from exc
     _loaded[name] = path
     return path
 
