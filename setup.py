@@ -17,10 +17,17 @@ from setuptools.command.build_py import build_py
 
 
 class BuildPyWithOps(build_py):
-    """Optionally JIT-build the C++ op during install (``EKIPL_BUILD_OPS=1``)."""
+    """Ships ``csrc/`` inside ``ekipl_kernels`` (for wheels) and, with ``EKIPL_BUILD_OPS=1``, prebuilds the op."""
 
     def run(self):
         super().run()
+        import shutil
+        from pathlib import Path
+
+        target = Path(self.build_lib) / "ekipl_kernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in Path(__file__).resolve().parent.joinpath("csrc").glob("*.[ch]*"):
+            shutil.copy2(source, target / source.name)
         if os.environ.get("EKIPL_BUILD_OPS") == "1":
             import sys
 
@@ -54,8 +61,7 @@ setup(
     packages=["ekipl_kernels", "ekipl_kernels.integrations", "ekipl_kernels.triton", "ekipl"]
     + [f"ekipl.{sub}" for sub in ("data", "rollout", "experts", "tools")],
     package_dir={"ekipl_kernels": "kernels"},
-    package_data={"ekipl_kernels": ["csrc/*.cpp", "csrc/*.h"]},
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "ninja"],  # ninja: torch's JIT build of the C++ op
     extras_require={
         "gpu": ["triton>=3.2", "liger-kernel>=0.6", "flash-attn>=2.6"],
         "sglang": ["sglang>=0.5.18"],

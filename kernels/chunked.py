@@ -13,7 +13,13 @@ from .config import LossConfig
 from .inputs import TokenInputs
 from .reference import token_losses
 
-CHUNK_ROWS = 1024
+CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (autograd keeps a few tensors of that size)
+
+
+def _row_chunks(n: int, vocab: int):
+    """Row slices whose ``[rows, V]`` fp32 logits fit the byte budget, whatever V is."""
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    return (slice(start, min(start + step, n)) for start in range(0, n, step))
 
 
 def _chunk_loss(z: torch.Tensor, targets: torch.Tensor, tok: TokenInputs, rows: slice, config: LossConfig):
@@ -36,8 +42,7 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if need_entropy else None
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     d_weight = torch.zeros_like(w32) if grad_weight else None
-    for start in range(0, n, CHUNK_ROWS):
-        rows = slice(start, min(start + CHUNK_ROWS, n))
+    for rows in _row_chunks(n, weight.shape[0]):
         with torch.enable_grad():
             h = hidden[rows].detach().float().requires_grad_(grad_hidden)
             chunk_loss, chunk_lp, chunk_ent = _chunk_loss(h @ w32.T, targets, tok, rows, config)
@@ -60,8 +65,7 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     lp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
     d_logits = torch.empty_like(logits) if grad_logits else None
-    for start in range(0, n, CHUNK_ROWS):
-        rows = slice(start, min(start + CHUNK_ROWS, n))
+    for rows in _row_chunks(n, logits.shape[1]):
         with torch.enable_grad():
             z = logits[rows].detach().float().requires_grad_(grad_logits)
             chunk_loss, chunk_lp, chunk_ent = _chunk_loss(z, targets, tok, rows, config)
@@ -80,8 +84,7 @@ def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy:
     lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     w32 = weight.float()
-    for start in range(0, n, CHUNK_ROWS):
-        rows = slice(start, min(start + CHUNK_ROWS, n))
+    for rows in _row_chunks(n, weight.shape[0]):
         logp = torch.log_softmax(hidden[rows].float() @ w32.T / temperature, dim=-1)
         lp[rows] = logp.gather(-1, targets[rows].long().unsqueeze(-1)).squeeze(-1)
         if return_entropy:
