@@ -207,8 +207,8 @@ class Learner:
         # DeepSpeed averages gradients over ranks; the normaliser is already global, so undo the mean.
         rank_scale = float(world_size())
         micro_batches = list(_chunks(seqs, self.optim_cfg.micro_batch_size))
-        totals: dict[str, float] = {}
-        finite = True
+        loss_sum, tokens, finite = 0.0, 0, True
+        weighted: dict[str, float] = {}  # token-weighted sums of the loss statistics (counts summed as is)
         for index, chunk in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             mb = make_micro_batch(chunk, self.pad_id, self.device)
@@ -217,11 +217,11 @@ class Learner:
                 finite = False
                 continue
             self.engine.backward(out.loss * rank_scale, scale_wrt_gas=False)
-            weight = sum(s.num_tokens for s in chunk)
-            totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach())
+            chunk_tokens = sum(s.num_tokens for s in chunk)
+            loss_sum += float(out.loss.detach())
+            tokens += chunk_tokens
             for key, value in out.stats.items():
-                totals[key] = totals.get(key, 0.0) + value * (1 if key.startswith("tokens_") else weight)
-            totals["_tokens"] = totals.get("_tokens", 0.0) + weight
+                weighted[key] = weighted.get(key, 0.0) + value * (1 if key.startswith("tokens_") else chunk_tokens)
         finite = all_reduce_sum(0.0 if finite else 1.0, self.device) == 0.0
         if not finite:
             self._skip_step()
@@ -229,12 +229,9 @@ class Learner:
         self.bad_steps = 0
         local_norm = self._grad_norm_before_step()
         self.engine.step()
-        tokens = max(totals.pop("_tokens", 1.0), 1.0)
-        metrics = {
-            ("loss" if key == "loss" else f"loss/{key}"): (value if key == "loss" or key.startswith("tokens_") else value / tokens)
-            for key, value in totals.items()
-        }
-        metrics["loss"] = all_reduce_sum(metrics.get("loss", 0.0), self.device)
+        metrics = {f"loss/{key}": value if key.startswith("tokens_") else value / max(tokens, 1)
+                   for key, value in weighted.items()}
+        metrics["loss"] = all_reduce_sum(loss_sum, self.device)
         grad_norm = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else local_norm
         metrics["lr"] = self.scheduler.get_last_lr()[0]

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rollout.base import Prompt
+from .rollout.base import Prompt, batch_multimodal_inputs
 
 
 @dataclass
@@ -76,7 +76,7 @@ def make_micro_batch(seqs: Sequence[TrainSequence], pad_id: int, device: torch.d
     return MicroBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        mm_inputs=_concat_mm([s.prompt.mm_inputs for s in seqs], device),
+        mm_inputs=batch_multimodal_inputs([s.prompt for s in seqs], device),
         hidden_index=torch.cat(hidden_index).to(device),
         targets=torch.tensor(targets, dtype=torch.long, device=device),
         cu_seqlens=torch.cumsum(counts, 0).to(device),
@@ -86,8 +86,3 @@ def make_micro_batch(seqs: Sequence[TrainSequence], pad_id: int, device: torch.d
         sequences=list(seqs),
     )
 
-
-def _concat_mm(parts: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Concatenates processor outputs (pixel_values, image_grid_thw, ...) along their first axis."""
-    keys = set().union(*(p.keys() for p in parts)) if parts else set()
-    return {k: torch.cat([p[k] for p in parts if k in p]).to(device) for k in sorted(keys)}

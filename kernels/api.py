@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional, Union
 
 import torch
@@ -39,7 +41,7 @@ def _statistics(logprobs, entropy, tok: TokenInputs, config: LossConfig) -> dict
         _, diag = reference.token_losses(
             logprobs, entropy, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
             ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs,
-            config=LossConfig(**{**config.__dict__, "entropy_coef": 0.0}),
+            config=dataclasses.replace(config, entropy_coef=0.0),
         )
     return reference.summarize(tok.mask, tok.is_expert, diag, entropy)
 

@@ -207,19 +207,21 @@ def test_frozen_head_and_no_grad(schedule, monkeypatch):
     assert loss_err(plain.loss, ref.loss, 1e-3) < TOLERANCE[torch.float32]
 
 
+def logits_loss_and_grad(logits, batch, config, backend):
+    """``grpo_loss`` over a fresh leaf copy of ``logits`` with ``backend``: its output and the logits gradient."""
+    leaf = logits.clone().requires_grad_()
+    out = grpo_loss(leaf, batch.targets, config=config, backend=backend, **batch.keywords)
+    out.loss.backward()
+    return out, leaf.grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["is-tis-k3", "shaped-entropy", "k2-entropy-temp"])
 def test_logits_loss_matches_reference(name, dtype):
     batch = make_batch(seed=7, logit_scale=3.0)
     logits = batch.logits().to(dtype)
     config = CONFIGS[name]
-    results = {}
-    for backend in ("triton", "reference"):
-        leaf = logits.clone().requires_grad_()
-        out = grpo_loss(leaf, batch.targets, config=config, backend=backend, **batch.keywords)
-        out.loss.backward()
-        results[backend] = (out, leaf.grad)
-    (out, grad), (ref, ref_grad) = results["triton"], results["reference"]
+    (out, grad), (ref, ref_grad) = (logits_loss_and_grad(logits, batch, config, b) for b in ("triton", "reference"))
     tol = TOLERANCE[dtype]
     assert loss_err(out.loss, ref.loss, 1e-3) < tol
     assert rel_err(out.logprobs, ref.logprobs) < TOLERANCE[torch.float32]
@@ -363,13 +365,7 @@ def test_cuda_logits_loss_bf16():
     batch = cuda_batch(vocab=152064, hidden_size=512, seq_len=128, logit_scale=3.0, seed=2)
     logits = batch.logits()
     config = LossConfig(beta=0.04, entropy_coef=0.01, temperature=0.7)
-    results = {}
-    for backend in ("triton", "reference"):
-        leaf = logits.clone().requires_grad_()
-        out = grpo_loss(leaf, batch.targets, config=config, backend=backend, **batch.keywords)
-        out.loss.backward()
-        results[backend] = (out, leaf.grad)
-    (out, grad), (ref, ref_grad) = results["triton"], results["reference"]
+    (out, grad), (ref, ref_grad) = (logits_loss_and_grad(logits, batch, config, b) for b in ("triton", "reference"))
     assert rel_err(out.logprobs, ref.logprobs) < GPU_LP_TOL
     assert rel_err(out.entropy, ref.entropy) < GPU_LP_TOL
     assert rel_err(grad, ref_grad) < GPU_GRAD_TOL

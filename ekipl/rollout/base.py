@@ -121,3 +121,8 @@ def check_generate_args(prompts: Sequence[Prompt], n: int, seeds: Sequence[Seque
     for group in seeds:
         if len(set(group)) != len(group):
             raise ValueError(f"seeds within a group must differ, or its samples repeat each other: got {list(group)}")
+
+def batch_multimodal_inputs(prompts: Sequence[Prompt], device: torch.device) -> dict[str, torch.Tensor]:
+    """Concatenate the prompts' processor tensors (images in prompt order) along their first dimension."""
+    keys = dict.fromkeys(key for prompt in prompts for key in prompt.mm_inputs)
+    return {key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys}

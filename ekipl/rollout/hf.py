@@ -26,6 +26,7 @@ from ekipl.rollout.base import (
     Prompt,
     SamplingParams,
     SyncStats,
+    batch_multimodal_inputs,
     check_generate_args,
 )
 
@@ -74,11 +75,6 @@ def sample_next_tokens(
         tokens = (probs / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
-
-def batch_multimodal_inputs(prompts: Sequence[Prompt], device: torch.device) -> dict[str, torch.Tensor]:
-    """Concatenate the prompts' processor tensors (images in prompt order) along their first dimension."""
-    keys = dict.fromkeys(key for prompt in prompts for key in prompt.mm_inputs)
-    return {key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys}
 
 
 @contextlib.contextmanager
