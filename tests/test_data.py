@@ -197,7 +197,7 @@ def test_encode_prompt_two_images_and_never_truncates(processor, image_dir):
     assert len(prompt.images) == 2 and prompt.mm_inputs["image_grid_thw"].shape == (2, 3)
     image_tokens = sum(grid.prod().item() // 4 for grid in prompt.mm_inputs["image_grid_thw"])
     assert prompt.input_ids.count(processor.image_token_id) == image_tokens
-    with pytest.raises(ValueError, match=f"{len(prompt.input_ids)} tokens .* never truncated"):
+    with pytest.raises(BadRecordError, match=f"{len(prompt.input_ids)} tokens .* never truncated"):
         encode_prompt(processor, trance, max_pixels=12_544, max_prompt_len=len(prompt.input_ids) - 1)
     assert len(encode_prompt(processor, trance, max_pixels=12_544, max_prompt_len=len(prompt.input_ids)).input_ids) \
         == len(prompt.input_ids)

@@ -6,14 +6,17 @@ instruction of the task family (PEERS.md, "The benchmark").
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
-from ekipl.data.records import BadRecordError, Record
+from ekipl.data.records import BadRecordError, BadRow, LoadedDataset, Record
 from ekipl.data.tasks import COUNTING, SPATIAL, STRUCTURE, is_choice_answer, task_family
 from ekipl.rollout.base import Prompt
+
+logger = logging.getLogger(__name__)
 
 TAGS = "Output the thinking process in <think> </think> and final answer ({what}) in <answer> </answer> tags."
 
@@ -125,15 +128,11 @@ def encode_prompt(processor, record: Record, *, max_pixels: int, max_prompt_len:
 
     Images are resized to at most ``max_pixels`` pixels (and no more than the image processor's own cap),
     sides multiples of the vision patch × merge size, so ``Prompt.images`` are exactly the pixels behind the
-    image tokens. A prompt longer than ``max_prompt_len`` tokens raises: cutting it would cut image tokens.
-    An image that fails to decode raises :class:`BadRecordError` naming the record's row.
+    image tokens. A prompt longer than ``max_prompt_len`` tokens, or an image that fails to decode, raises
+    :class:`BadRecordError` naming the record's row (a long prompt is never cut: that would cut image tokens);
+    :func:`check_prompt_lengths` finds the long prompts of a dataset before training.
     """
-    image_processor = processor.image_processor
-    factor = image_processor.patch_size * image_processor.merge_size
-    min_pixels = image_processor.size["shortest_edge"]
-    max_pixels = min(max_pixels, image_processor.size["longest_edge"])
-    if max_pixels < max(min_pixels, factor * factor):
-        raise ValueError(f"max_pixels={max_pixels} is below the processor's minimum image size ({min_pixels} pixels)")
+    factor, min_pixels, max_pixels = _image_bounds(processor, max_pixels)
     try:
         images = [
             load_image(path, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels) for path in record.images
@@ -147,14 +146,104 @@ def encode_prompt(processor, record: Record, *, max_pixels: int, max_prompt_len:
     )
     input_ids = encoded["input_ids"][0].tolist()
     if len(input_ids) > max_prompt_len:
-        image_tokens = input_ids.count(processor.image_token_id)
-        raise ValueError(
-            f"prompt of record {record.id!r} ({record.source}) has {len(input_ids)} tokens "
-            f"({image_tokens} of them image tokens), over max_prompt_len={max_prompt_len}; it is never "
-            "truncated: raise max_prompt_len or lower max_pixels"
-        )
+        raise _too_long(record, len(input_ids), input_ids.count(processor.image_token_id), max_prompt_len)
     mm_inputs = {name: value for name, value in encoded.items() if name not in _PER_TOKEN_OUTPUTS}
     return Prompt(uid=record.id, input_ids=input_ids, images=images, mm_inputs=mm_inputs)
+
+
+def prompt_lengths(processor, records: Sequence[Record], *, max_pixels: int) -> list[int]:
+    """The number of tokens :func:`encode_prompt` gives each record, without decoding any image.
+
+    An image's token count follows from its size, which is read from the file's header, so this is cheap
+    enough to run over a whole dataset before training. An image that cannot be opened raises
+    :class:`BadRecordError` naming the record's row.
+    """
+    bounds = _image_bounds(processor, max_pixels)
+    return _count_tokens(processor, [_prompt_parts(processor, record, bounds) for record in records])
+
+
+def check_prompt_lengths(
+    processor, records: Sequence[Record], *, max_pixels: int, max_prompt_len: int, skip_bad_rows: bool = False
+) -> LoadedDataset:
+    """The records whose prompts fit in ``max_prompt_len`` tokens, checked before training.
+
+    A record whose prompt is longer (see :func:`prompt_lengths`), or whose image can no longer be opened,
+    raises :class:`BadRecordError` naming its row; with ``skip_bad_rows=True`` it is skipped, counted in
+    :attr:`LoadedDataset.skipped` and reported in the log. Raises if records were given and none is left.
+    """
+    bounds = _image_bounds(processor, max_pixels)
+    skipped: list[BadRow] = []
+    measured, parts = [], []
+    for record in records:
+        try:
+            parts.append(_prompt_parts(processor, record, bounds))
+        except BadRecordError as error:
+            if not skip_bad_rows:
+                raise
+            skipped.append(BadRow(record.source, str(error)))
+            continue
+        measured.append(record)
+    kept = []
+    for record, (_, image_tokens, _), length in zip(measured, parts, _count_tokens(processor, parts)):
+        if length <= max_prompt_len:
+            kept.append(record)
+            continue
+        error = _too_long(record, length, image_tokens, max_prompt_len)
+        if not skip_bad_rows:
+            raise error
+        skipped.append(BadRow(record.source, str(error)))
+    if skipped:
+        logger.warning("skipped %d record(s) of %d; first: %s", len(skipped), len(records), skipped[0].reason)
+    if records and not kept:
+        raise BadRecordError(
+            f"no record fits in max_prompt_len={max_prompt_len} tokens with max_pixels={max_pixels} "
+            f"(skipped {len(skipped)}); first: {skipped[0].reason}"
+        )
+    return LoadedDataset(kept, skipped)
+
+
+def _image_bounds(processor, max_pixels: int) -> tuple[int, int, int]:
+    """(side factor, min pixels, max pixels) of the images :func:`encode_prompt` feeds ``processor``."""
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    min_pixels = image_processor.size["shortest_edge"]
+    max_pixels = min(max_pixels, image_processor.size["longest_edge"])
+    if max_pixels < max(min_pixels, factor * factor):
+        raise ValueError(f"max_pixels={max_pixels} is below the processor's minimum image size ({min_pixels} pixels)")
+    return factor, min_pixels, max_pixels
+
+
+def _prompt_parts(processor, record: Record, bounds: tuple[int, int, int]) -> tuple[str, int, int]:
+    """(chat-templated text, image tokens, images) of ``record``: the text holds one image token per image,
+    which the processor expands to that image's tokens, one per ``factor x factor`` block of its resized pixels."""
+    factor, min_pixels, max_pixels = bounds
+    image_tokens = 0
+    for path in record.images:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadRecordError(f"{record.source or record.id}: cannot open image {path} ({error})") from error
+        height, width = fit_image_size(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        image_tokens += (height // factor) * (width // factor)
+    text = processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+    return text, image_tokens, len(record.images)
+
+
+def _count_tokens(processor, parts: list[tuple[str, int, int]]) -> list[int]:
+    if not parts:
+        return []
+    text_ids = processor.tokenizer([text for text, _, _ in parts])["input_ids"]
+    return [len(ids) - images + image_tokens for ids, (_, image_tokens, images) in zip(text_ids, parts)]
+
+
+def _too_long(record: Record, length: int, image_tokens: int, max_prompt_len: int) -> BadRecordError:
+    return BadRecordError(
+        f"{record.source or record.id}: the prompt of record {record.id!r} has {length} tokens ({image_tokens} of "
+        f"them image tokens), over max_prompt_len={max_prompt_len}; it is never truncated (that would cut image "
+        "tokens): raise data.max_prompt_len (eval: --max-prompt-len) or shrink the images with data.max_pixels "
+        "(eval: --max-pixels), or skip such records with data.skip_bad_rows=true"
+    )
 
 
 def decode_completion(tokenizer, token_ids: list[int]) -> str:

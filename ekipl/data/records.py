@@ -87,15 +87,29 @@ def load_records(
     Image paths are resolved against ``image_root`` (default: the data file's folder). A bad row raises
     :class:`BadRecordError` naming the file and row; with ``skip_bad_rows=True`` it is skipped, counted
     in :attr:`LoadedDataset.skipped` and reported in the log.
+
+    Record ids must be unique after ``str()`` (``7`` and ``"7"`` are the same id): the trainer caches
+    prompts, experts serve cached answers and evaluation matches solutions by id, so a second row with the
+    same id would be trained on the first row's prompt. A repeated id is a bad row, the later one: it is
+    rejected, or skipped with ``skip_bad_rows=True`` while the first row is kept. Ids are not made unique
+    by renaming, since a renamed id would silently detach the row from answers cached under its id.
     """
     family = task_family(task)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     records: list[Record] = []
     skipped: list[BadRow] = []
+    first_source: dict[str, str] = {}  # id -> the row that holds it
     for source, row in _read_rows(path):
         try:
-            records.append(_parse_row(row, source=source, task=task, family=family, image_root=root))
+            record = _parse_row(row, source=source, task=task, family=family, image_root=root)
+            if record.id in first_source:
+                raise BadRecordError(
+                    f"{source}: id {row['id']!r} is already the id of row {first_source[record.id]} (ids are "
+                    "compared as strings); record ids must be unique: give one of the rows a new id or drop it"
+                )
+            first_source[record.id] = source
+            records.append(record)
         except BadRecordError as error:
             if not skip_bad_rows:
                 raise
