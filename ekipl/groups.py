@@ -26,7 +26,11 @@ class GroupConfig:
     min_policy: with topg, at least this many policy samples stay in every group.
     replace_k: with replace, how many expert answers replace policy samples.
     advantage: "zscore" ((r - mean) / (std + eps), the benchmark's) or "mean" (r - mean, LUFFY's).
-    stats_from: "group" (mean/std over the selected group) or "policy" (over its policy samples only).
+    stats_from: "group" (mean/std over the selected group) or "policy" (over its policy samples only, as
+        LUFFY does). As in LUFFY, a single policy sample gives mean 0 and std 1, and policy samples that all
+        score the same give std 1: when the policy always fails (the sparse-reward case experts exist for),
+        an expert answer's advantage is ``r - mean``, not ``(r - mean) / eps``. A group without policy
+        samples (topg kept only experts) uses the group's statistics.
     eps: the eps of the z-score (Reason-RFT: 1e-4).
     """
 
@@ -115,14 +119,18 @@ def select_group(candidates: Sequence[Candidate], cfg: GroupConfig, rng: random.
 def advantages_of(members: Sequence[Candidate], cfg: GroupConfig) -> list[float]:
     """Group-relative advantages: z-score or mean-centred rewards, statistics from group or policy."""
     rewards = torch.tensor([c.reward for c in members], dtype=torch.float64)
-    basis = rewards
-    if cfg.stats_from == "policy":
-        policy_rewards = [c.reward for c in members if not c.from_expert]
-        if policy_rewards:
-            basis = torch.tensor(policy_rewards, dtype=torch.float64)
-    centred = rewards - basis.mean()
+    policy = torch.tensor([c.reward for c in members if not c.from_expert], dtype=torch.float64)
+    if cfg.stats_from == "policy" and policy.numel() == 1:
+        mean, std = 0.0, 1.0  # one sample is no baseline (LUFFY)
+    elif cfg.stats_from == "policy" and policy.numel() > 1:
+        # Equal policy rewards would leave the experts' non-zero centred rewards divided by eps alone; compared
+        # exactly, since the std of equal floats can come out a rounding error above 0.
+        mean, std = policy.mean().item(), policy.std().item() if policy.max() > policy.min() else 1.0
+    else:
+        # Over the whole group a zero std comes with zero centred rewards: eps alone is harmless.
+        mean, std = rewards.mean().item(), rewards.std().item() if rewards.numel() > 1 else 0.0
+    centred = rewards - mean
     if cfg.advantage == "zscore":
-        std = basis.std(unbiased=True) if basis.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
         centred = centred / (std + cfg.eps)
     return centred.tolist()
 

@@ -57,6 +57,30 @@ def test_policy_statistics_and_zero_variance_groups():
     assert groups[0].advantages == [0.0, 0.0]
 
 
+def test_policy_statistics_never_divide_by_eps_alone():
+    """The sparse-reward case experts exist for: every policy sample fails, one expert answer succeeds."""
+    cfg = GroupConfig(stats_from="policy", eps=1e-4)
+    failing = [cand(0.0) for _ in range(7)] + [cand(2.0, source=1)]
+    assert advantages_of(failing, cfg) == pytest.approx([0.0] * 7 + [2.0 / (1 + 1e-4)])
+    # A single policy sample: mean 0, std 1 (LUFFY), in both advantage modes.
+    single = [cand(0.5), cand(2.0, source=1), cand(1.0, source=2)]
+    assert advantages_of(single, cfg) == pytest.approx([r / (1 + 1e-4) for r in (0.5, 2.0, 1.0)])
+    assert advantages_of(single, GroupConfig(stats_from="policy", advantage="mean")) == pytest.approx([0.5, 2.0, 1.0])
+    # Equal rewards whose float std is a rounding error above zero count as equal.
+    equal = [cand(0.1) for _ in range(3)] + [cand(1.1, source=1)]
+    assert advantages_of(equal, cfg)[-1] == pytest.approx(1.0 / (1 + 1e-4))
+    # Policy samples that differ: the usual z-score over them.
+    mixed = [cand(0.0), cand(1.0), cand(2.0, source=1)]
+    std = statistics.stdev([0.0, 1.0])
+    assert advantages_of(mixed, cfg) == pytest.approx([(r - 0.5) / (std + 1e-4) for r in (0.0, 1.0, 2.0)])
+    # No policy sample in the group: the group's own statistics; all equal gives zeros.
+    experts = [cand(2.0, source=1), cand(0.0, source=2)]
+    scale = 1 / (statistics.stdev([2.0, 0.0]) + 1e-4)
+    assert advantages_of(experts, cfg) == pytest.approx([scale, -scale])
+    assert advantages_of([cand(1.0, source=1), cand(1.0, source=2)], cfg) == [0.0, 0.0]
+    assert advantages_of([cand(1.0, source=1)], cfg) == [0.0]
+
+
 def test_invalid_group_config_names_the_key():
     with pytest.raises(ValueError, match="group.select"):
         GroupConfig(select="best")
