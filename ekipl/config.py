@@ -2,11 +2,14 @@
 
 Load with :func:`load_config` (YAML file + dotted overrides). Every knob is documented once, on its
 dataclass; the loss knobs are ``ekipl_kernels.LossConfig``'s, the group knobs ``GroupConfig``'s, the
-expert knobs ``ExpertPoolConfig``'s, the optimiser knobs ``OptimConfig``'s.
+expert knobs ``ExpertPoolConfig``'s, the optimiser knobs ``OptimConfig``'s. Each value is checked when its
+dataclass is built; checks that need files, packages or imports are ``ekipl.preflight.validate_startup``'s.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,6 +17,7 @@ from typing import Any, Optional, Sequence
 from ekipl_kernels import LossConfig
 
 from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
+from .data.tasks import SYNTHETIC_TASK, TASK_FAMILIES
 from .experts.config import ExpertPoolConfig
 from .groups import GroupConfig
 from .learner import OptimConfig
@@ -22,6 +26,27 @@ from .learner import OptimConfig
 # Reason-RFT's RL setup: k3 KL to the reference, the loss averaged per sequence then over the batch.
 # (beta is not published by the paper; 0.04 is the value its open-r1 lineage uses.)
 TRAINER_LOSS_DEFAULTS = {"beta": 0.04, "kl": "k3", "agg": "seq-mean-token-mean"}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raises ``key=value is invalid: expected ...`` unless ``ok`` (from_dict makes it a ConfigError)."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                    greedy_ok: bool) -> None:
+    # The range tests are written so that NaN fails them.
+    if greedy_ok:
+        _require(0.0 <= temperature < math.inf, f"{section}.temperature", temperature,
+                 "a finite number >= 0 (0: greedy)")
+    else:
+        _require(0.0 < temperature < math.inf, f"{section}.temperature", temperature, "a finite number > 0")
+    _require(0.0 < top_p <= 1.0, f"{section}.top_p", top_p, "a value in (0, 1]")
+    _require(top_k >= 0, f"{section}.top_k", top_k, ">= 0 (0 disables top-k)")
+    _require(max_new_tokens >= 1, f"{section}.max_new_tokens", max_new_tokens, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -46,10 +71,11 @@ class RunConfig:
     wandb_project: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"run.max_steps={self.max_steps} is invalid: expected >= 1")
-        if self.keep_last < 1:
-            raise ValueError(f"run.keep_last={self.keep_last} is invalid: expected >= 1")
+        for key in ("max_steps", "keep_last", "log_every"):
+            _require(getattr(self, key) >= 1, f"run.{key}", getattr(self, key), ">= 1")
+        for key in ("save_every", "stop_at_step"):
+            _require(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), ">= 0")
+        _require(self.eval_every >= -1, "run.eval_every", self.eval_every, ">= -1 (-1: never, 0: only at the end)")
 
 
 @dataclass(frozen=True)
@@ -59,20 +85,29 @@ class ModelConfig:
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp32". attn_implementation: "auto"
     (flash-attention 2 on CUDA when installed, else sdpa), or any transformers value.
     gradient_checkpointing: trade compute for activation memory. use_liger: "auto" (Liger-Kernel's
-    Qwen-VL patches on CUDA when installed), "on", "off"."""
+    Qwen-VL patches on CUDA when installed), "on", "off" (YAML reads a bare on/off as a boolean: true and
+    false are accepted and stored as "on" and "off")."""
 
     path: str = "tiny"
     dtype: str = "auto"
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
-    use_liger: str = "auto"
+    use_liger: str | bool = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("auto", "bf16", "fp32"), "model.dtype", self.dtype, "'auto', 'bf16' or 'fp32'")
+        if isinstance(self.use_liger, bool):
+            object.__setattr__(self, "use_liger", "on" if self.use_liger else "off")
+        _require(self.use_liger in ("auto", "on", "off"), "model.use_liger", self.use_liger, "'auto', 'on' or 'off'")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """task: a Reason-RFT task family name (clevr-math, super-clevr, geomath, geometry3k, trance,
     trance-left, trance-right) or "synthetic" (the embedded counting task, generated offline).
-    train_path / test_path: JSON or JSONL records; image_root: where their image paths are resolved.
+    train_path / test_path: JSON or JSONL records (train_path is required for a Reason-RFT task);
+    image_root: where their image paths are resolved (default: the data file's folder). The synthetic
+    task writes its own data under ``run.output_dir`` and takes none of these three.
     synthetic_train / synthetic_test: sizes of the generated synthetic splits. max_pixels: image size
     bound (Reason-RFT: 480000). max_prompt_len: prompts longer than this are an error, never cut.
     skip_bad_rows: skip and count malformed rows instead of failing. prompts_per_step: prompts per
@@ -90,13 +125,29 @@ class DataConfig:
     prompts_per_step: int = 8
     eval_limit: int = 0
 
+    def __post_init__(self) -> None:
+        _require(self.task in TASK_FAMILIES, "data.task", self.task, f"one of {', '.join(sorted(TASK_FAMILIES))}")
+        given = [key for key in ("train_path", "test_path", "image_root") if getattr(self, key)]
+        if self.task == SYNTHETIC_TASK and given:
+            raise ValueError(
+                f"data.{given[0]} is not used by data.task='synthetic', which generates its own data: "
+                "unset it, or set data.task to the Reason-RFT task of those files"
+            )
+        if self.task != SYNTHETIC_TASK and not self.train_path:
+            raise ValueError(f"data.train_path is required for data.task={self.task!r}: give its JSON or JSONL file")
+        for key in ("synthetic_train", "max_pixels", "max_prompt_len", "prompts_per_step"):
+            _require(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), ">= 1")
+        for key in ("synthetic_test", "eval_limit"):
+            _require(getattr(self, key) >= 0, f"data.{key}", getattr(self, key), ">= 0")
+
 
 @dataclass(frozen=True)
 class RolloutConfig:
     """engine: "hf" (transformers generate, shares the learner's module), "sglang" (in-process engine
     colocated with the trainer) or "sglang-http" (a running server at ``url``). n_policy: policy samples
     per prompt. temperature/top_p/top_k/max_new_tokens: sampling (Reason-RFT: top_p 0.9, top_k 50, 512
-    new tokens). bucket_mb: weight-sync bucket size. mem_fraction_static: SGLang's KV-cache share."""
+    new tokens; top_k 0 disables top-k; temperature > 0). bucket_mb: weight-sync bucket size.
+    mem_fraction_static: SGLang's KV-cache share."""
 
     engine: str = "hf"
     n_policy: int = 8
@@ -113,12 +164,18 @@ class RolloutConfig:
             raise ValueError(f"rollout.engine={self.engine!r} is invalid: expected 'hf', 'sglang' or 'sglang-http'")
         if self.n_policy < 1:
             raise ValueError(f"rollout.n_policy={self.n_policy} is invalid: expected >= 1")
+        # Greedy rollouts would give every sample of a group the same answer: no signal.
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.max_new_tokens, greedy_ok=False)
+        _require(self.bucket_mb >= 1, "rollout.bucket_mb", self.bucket_mb, ">= 1")
+        _require(0.0 < self.mem_fraction_static < 1.0, "rollout.mem_fraction_static", self.mem_fraction_static,
+                 "a value in (0, 1)")
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    """config: a DeepSpeed JSON (``configs/ds_zero{0,1,2,3}.json``); precision, clipping and batch keys
-    are filled in by the learner. offload_reference: keep the frozen reference model on the CPU."""
+    """config: a DeepSpeed JSON (or YAML) file, as given or relative to the repository root
+    (``configs/ds_zero{0,1,2,3}.json``); precision, clipping and batch keys are filled in by the learner.
+    offload_reference: keep the frozen reference model on the CPU."""
 
     config: str = "configs/ds_zero0.json"
     offload_reference: bool = False
@@ -126,8 +183,8 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation, Reason-RFT's protocol: temperature 0.1, top_p 0.9, top_k 50, 768 new tokens,
-    one sample (n), pass@k for each k in k_values."""
+    """Held-out evaluation, Reason-RFT's protocol: temperature 0.1 (0: greedy), top_p 0.9, top_k 50, 768
+    new tokens, one sample (n), pass@k for each k in k_values (each k between 1 and n)."""
 
     temperature: float = 0.1
     top_p: float = 0.9
@@ -135,6 +192,13 @@ class EvalConfig:
     max_new_tokens: int = 768
     n: int = 1
     k_values: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        _check_sampling("eval", self.temperature, self.top_p, self.top_k, self.max_new_tokens, greedy_ok=True)
+        _require(self.n >= 1, "eval.n", self.n, ">= 1")
+        bad = [k for k in self.k_values if not 1 <= k <= self.n]
+        _require(not bad, "eval.k_values", list(self.k_values),
+                 f"each k between 1 and eval.n={self.n} (pass@k needs k of n samples): raise eval.n or drop {bad}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +215,45 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rewards: Optional[list[str]] = None  # None: the task family's (format + accuracy, or format + trance)
 
+    def __post_init__(self) -> None:
+        _require(self.rewards is None or len(self.rewards) > 0, "rewards", self.rewards,
+                 "reward names or 'module:function' entries; leave it unset for the task's defaults")
+        guided = self.experts.prefix_ratio > 0 and self.experts.experts
+        if guided and self.experts.prefix_samples > self.rollout.n_policy:
+            raise ValueError(
+                f"experts.prefix_samples={self.experts.prefix_samples} is invalid: expected <= "
+                f"rollout.n_policy={self.rollout.n_policy} (prefix-guided samples are some of the policy's samples)"
+            )
+
+
+def resolve_deepspeed_config_path(name: str) -> Path:
+    """The file ``deepspeed.config`` names: as given (absolute, or relative to the working directory), else
+    relative to the repository root, so ``configs/ds_zero3.json`` works from any directory."""
+    path = Path(name)
+    if not path.is_file() and not path.is_absolute():
+        path = REPO_ROOT / name
+    if not path.is_file():
+        raise ConfigError(
+            f"deepspeed.config={name!r} does not exist (looked in the working directory and in {REPO_ROOT}); "
+            "use one of configs/ds_zero{0,1,2,3}.json or the path of your own DeepSpeed config"
+        )
+    return path
+
+
+def read_deepspeed_config(name: str) -> dict:
+    """The DeepSpeed config that ``deepspeed.config`` names (JSON, or YAML by its suffix), as a dict."""
+    path = resolve_deepspeed_config_path(name)
+    if path.suffix in (".yaml", ".yml"):
+        data = load_yaml(path)
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deepspeed.config={name!r}: {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config={name!r}: {path} must hold a mapping of DeepSpeed settings")
+    return data
+
 
 def load_config(path: Optional[str | Path], overrides: Sequence[str] | dict[str, Any] = ()) -> TrainConfig:
     """The config from a YAML file (or the defaults) with ``--dotted.key=value`` overrides applied."""
@@ -161,4 +264,4 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] | dict[str,
     return from_dict(TrainConfig, apply_overrides(data, overrides))
 
 
-__all__ = ["ConfigError", "TrainConfig", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "read_deepspeed_config", "resolve_deepspeed_config_path"]

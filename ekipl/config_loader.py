@@ -38,8 +38,14 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        where = prefix.rstrip(".") or "config"
-        raise ConfigError(f"{where}: {exc}") from exc
+        message = str(exc)
+        # A config class used outside this loader names its keys ``LossConfig.agg``: here that is ``loss.agg``.
+        if prefix and message.startswith(f"{cls.__name__}."):
+            message = prefix + message[len(cls.__name__) + 1 :]
+        # A message that already leads with its dotted key (``rollout.top_p=...``) reads best as it is.
+        if not prefix or message.startswith(prefix):
+            raise ConfigError(message) from exc
+        raise ConfigError(f"{prefix.rstrip('.')}: {message}") from exc
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -29,8 +29,9 @@ from .packing import MicroBatch, TrainSequence, make_micro_batch
 class OptimConfig:
     """Optimiser, schedule and the shape of the update.
 
-    lr, weight_decay, betas: AdamW. warmup_steps: linear warm-up; then ``schedule`` "cosine" (to
-    ``min_lr_ratio * lr`` at ``run.max_steps``) or "constant". grad_clip: global norm (0 disables).
+    lr, weight_decay, betas: AdamW (lr > 0, weight_decay >= 0, each beta in [0, 1)). warmup_steps: linear
+    warm-up; then ``schedule`` "cosine" (to ``min_lr_ratio * lr`` at ``run.max_steps``, ratio in [0, 1]) or
+    "constant". grad_clip: global norm (0 disables).
     ppo_epochs: passes over each rollout (Reason-RFT: 1, one update per rollout). mini_batch_size:
     sequences per optimiser step per rank (0 = the whole rollout). micro_batch_size: sequences per
     forward/backward (gradient accumulation up to the mini-batch). max_bad_steps: consecutive steps with
@@ -57,6 +58,18 @@ class OptimConfig:
                 raise ValueError(f"optim.{key}={getattr(self, key)} is invalid: expected >= 1")
         if self.mini_batch_size < 0:
             raise ValueError(f"optim.mini_batch_size={self.mini_batch_size} is invalid: expected >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} is invalid: expected >= 0")
+        # Written so that NaN fails every range test.
+        if not 0.0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr={self.lr!r} is invalid: expected a finite number > 0")
+        for key in ("weight_decay", "grad_clip"):
+            if not 0.0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"optim.{key}={getattr(self, key)!r} is invalid: expected a finite number >= 0")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"optim.betas={tuple(self.betas)!r} is invalid: expected two values in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r} is invalid: expected a value in [0, 1]")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,11 +1,15 @@
 """Typed configs: YAML + dotted overrides, validation errors that name the key, shipped configs load."""
 
+import re
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from ekipl.config import TrainConfig, load_config
+from ekipl.config import TrainConfig, load_config, resolve_deepspeed_config_path
 from ekipl.config_loader import ConfigError, parse_overrides, to_dict
+from ekipl.preflight import validate_startup
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 
@@ -41,7 +45,7 @@ def test_overrides_parse_yaml_values_in_both_spellings(tmp_path):
         ("--optim.lrr=1", "unknown config key 'optim.lrr'"),
         ("--group.size=eight", "'group.size' must be an integer"),
         ("--run.max_steps=0", "run.max_steps=0"),
-        ("--loss.agg=mean", "LossConfig.agg"),
+        ("--loss.agg=mean", "loss.agg='mean' is invalid"),
         ("--rollout.engine=vllm", "rollout.engine"),
         ("--experts.experts=[{name: x, kind: psychic}]", "kind='psychic'"),
         ("--model=3", "'model' must be a mapping"),
@@ -69,3 +73,152 @@ def test_the_saved_resolved_config_loads_back_to_the_same_config(path):
 
     cfg = load_config(path)
     assert from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))) == cfg
+
+
+# -- issue 11.10: values that passed silently or failed late are rejected at load, naming the key ------------
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rollout.max_new_tokens": 0}, "rollout.max_new_tokens=0 is invalid: expected >= 1"),
+        ({"run.log_every": 0}, "run.log_every=0 is invalid: expected >= 1"),
+        ({"run.save_every": -1}, "run.save_every=-1"),
+        ({"run.stop_at_step": -1}, "run.stop_at_step=-1"),
+        ({"run.eval_every": -2}, "run.eval_every=-2"),
+        ({"data.prompts_per_step": 0}, "data.prompts_per_step=0"),
+        ({"data.task": "clevr-mth", "data.train_path": "x.json"}, "data.task='clevr-mth'.*synthetic"),
+        ({"data.task": "clevr-math"}, "data.train_path is required for data.task='clevr-math'"),
+        ({"data.train_path": "x.json"}, "data.train_path"),
+        ({"data.max_pixels": 0}, "data.max_pixels=0"),
+        ({"data.max_prompt_len": 0}, "data.max_prompt_len=0"),
+        ({"data.synthetic_train": 0}, "data.synthetic_train=0"),
+        ({"data.eval_limit": -1}, "data.eval_limit=-1"),
+        ({"optim.grad_clip": -1.0}, "optim.grad_clip=-1.0"),
+        ({"optim.warmup_steps": -1}, "optim.warmup_steps=-1"),
+        ({"optim.lr": float("nan")}, "optim.lr=nan"),
+        ({"optim.lr": -1e-6}, "optim.lr=-1e-06"),
+        ({"optim.lr": float("inf")}, "optim.lr=inf"),
+        ({"optim.lr": 0.0}, "optim.lr=0.0"),
+        ({"optim.weight_decay": float("inf")}, "optim.weight_decay=inf"),
+        ({"optim.betas": [0.9, 1.0]}, r"optim.betas=\(0.9, 1.0\)"),
+        ({"optim.betas": [-0.1, 0.999]}, "optim.betas="),
+        ({"optim.min_lr_ratio": 1.5}, "optim.min_lr_ratio=1.5"),
+        ({"rollout.top_p": 1.5}, "rollout.top_p=1.5"),
+        ({"rollout.top_p": 0.0}, "rollout.top_p=0.0"),
+        ({"rollout.top_k": -1}, "rollout.top_k=-1"),
+        ({"rollout.temperature": 0.0}, "rollout.temperature=0.0"),
+        ({"rollout.temperature": float("nan")}, "rollout.temperature=nan"),
+        ({"rollout.bucket_mb": 0}, "rollout.bucket_mb=0"),
+        ({"rollout.mem_fraction_static": 1.5}, "rollout.mem_fraction_static=1.5"),
+        ({"model.dtype": "fp16"}, "model.dtype='fp16'"),
+        ({"model.use_liger": "maybe"}, "model.use_liger='maybe'"),
+        ({"eval.n": 0}, "eval.n=0"),
+        ({"eval.k_values": [4]}, r"eval.k_values=\[4\].*eval.n=1"),
+        ({"eval.top_p": 2.0}, "eval.top_p=2.0"),
+        ({"eval.temperature": -0.1}, "eval.temperature=-0.1"),
+        ({"eval.max_new_tokens": 0}, "eval.max_new_tokens=0"),
+        ({"rewards": []}, r"rewards=\[\]"),
+        ({"experts.experts": [{"name": "o", "kind": "oracle"}], "experts.prefix_ratio": 0.5,
+          "experts.prefix_samples": 9},
+         "experts.prefix_samples=9.*rollout.n_policy=8"),
+    ],
+)
+def test_edge_values_are_rejected_at_load_naming_the_key_once(overrides, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(None, overrides)
+    key = re.match(r"[\w.]+", message).group()  # the message leads with the key, and names it once
+    assert str(caught.value).startswith(key) and str(caught.value).count(key) == 1, str(caught.value)
+
+
+@pytest.mark.parametrize("value, expected",
+                         [(True, "on"), (False, "off"), ("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_use_liger_accepts_yaml_booleans_and_normalises(value, expected):
+    assert load_config(None, {"model.use_liger": value}).model.use_liger == expected
+
+
+def test_use_liger_on_from_the_command_line_is_a_yaml_boolean_that_is_accepted():
+    assert load_config(None, ["--model.use_liger=on"]).model.use_liger == "on"
+    assert load_config(None, ["--model.use_liger", "off"]).model.use_liger == "off"
+
+
+def test_eval_accepts_greedy_and_pass_at_k_up_to_n():
+    cfg = load_config(None, {"eval.temperature": 0.0, "eval.n": 4, "eval.k_values": [1, 2, 4]})
+    assert cfg.eval.k_values == (1, 2, 4)
+
+
+# -- validate_startup: the checks that need files, packages or imports -------------------------------------
+
+def _startup(overrides=None):
+    validate_startup(load_config(None, overrides or {}))
+
+
+def test_defaults_and_the_cpu_config_pass_startup_without_warnings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # deepspeed.config resolves against the repository root too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_startup(load_config(None))
+        validate_startup(load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"))
+
+
+def test_resolve_deepspeed_config_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_deepspeed_config_path("configs/ds_zero3.json").is_file()
+    own = tmp_path / "configs" / "ds_zero3.json"  # a file of the working directory wins over the repository's
+    own.parent.mkdir()
+    own.write_text("{}")
+    assert resolve_deepspeed_config_path("configs/ds_zero3.json").resolve() == own.resolve()
+    with pytest.raises(ConfigError, match="deepspeed.config='nope.json' does not exist"):
+        resolve_deepspeed_config_path("nope.json")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"deepspeed.config": "configs/ds_zero9.json"}, "deepspeed.config='configs/ds_zero9.json' does not exist"),
+        ({"model.path": "/nonexistent/model"}, "model.path='/nonexistent/model' holds no model"),
+        ({"data.task": "clevr-math", "data.train_path": "/nonexistent/train.json"},
+         "data.train_path='/nonexistent/train.json' is not a file"),
+        ({"rewards": ["nosuchmodule_xyz:fn"]}, r"rewards\[0\].*No module named 'nosuchmodule_xyz'"),
+        ({"rewards": ["format", "ekipl.rewards:nope"]}, r"rewards\[1\].*has no attribute 'nope'"),
+        ({"rewards": ["ekipl.rewards:REWARDS"]}, r"rewards\[0\].*not callable"),
+        ({"rewards": ["bogus"]}, r"rewards\[0\].*unknown reward 'bogus'"),
+        ({"experts.experts": [{"name": "c", "kind": "cache", "path": "/nonexistent/answers.jsonl"}]},
+         r"experts.experts\[0\].path='/nonexistent/answers.jsonl'"),
+        ({"experts.experts": [{"name": "g", "kind": "openai", "model": "m", "base_url": "http://x",
+                               "api_key_env": "EKIPL_TEST_UNSET_KEY"}]},
+         r"experts.experts\[0\].api_key_env='EKIPL_TEST_UNSET_KEY'"),
+    ],
+)
+def test_validate_startup_names_the_key(overrides, message, monkeypatch):
+    monkeypatch.delenv("EKIPL_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        _startup(overrides)
+
+
+def test_wandb_project_without_wandb_says_how_to_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not importable
+    with pytest.raises(ConfigError, match="run.wandb_project='proj'.*pip install wandb.*unset run.wandb_project"):
+        _startup({"run.wandb_project": "proj"})
+
+
+def test_missing_optional_packages_name_the_key(monkeypatch):
+    for name in ("sglang", "liger_kernel", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError, match="rollout.engine='sglang'.*sglang"):
+        _startup({"rollout.engine": "sglang"})
+    with pytest.raises(ConfigError, match="model.use_liger='on'.*liger"):
+        _startup({"model.use_liger": "on"})
+    with pytest.raises(ConfigError, match="model.attn_implementation='flash_attention_2'.*flash"):
+        _startup({"model.attn_implementation": "flash_attention_2"})
+
+
+def test_group_larger_than_the_candidates_warns_once_at_startup():
+    with pytest.warns(UserWarning, match=r"group.size=8.*4 candidates") as record:
+        _startup({"rollout.n_policy": 4})
+    assert len(record) == 1
+    # experts' answers count too: 4 policy + 2 x 2 oracle answers fill a group of 8
+    experts = [{"name": "a", "kind": "oracle", "k": 2}, {"name": "b", "kind": "oracle", "k": 2}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _startup({"rollout.n_policy": 4, "experts.experts": experts})
+        _startup({"rollout.n_policy": 4, "group.select": "all"})
