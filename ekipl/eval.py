@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from ekipl.data import Record, decode_completion, encode_prompt, load_records
+from ekipl.data import BadRecordError, Record, decode_completion, encode_prompt, load_records
 from ekipl.data.tasks import STRUCTURE, is_choice_answer, task_family
 from ekipl.rewards import eval_score_fn
 from ekipl.rollout.base import RolloutEngine, SamplingParams
@@ -72,12 +72,15 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    skip_bad_rows: bool = False,
 ) -> dict:
     """Generate ``n`` answers per record with ``engine``, score them and write predictions and a summary.
 
     Returns the summary: ``score`` and ``pass@k`` (× 100) over the test set, the same per subset
     (GeoMath's choice / non_choice), the sampling used and the files written. Sample ``j`` of record
-    ``i`` is seeded with ``seed + i * n + j``, so a rerun reproduces it.
+    ``i`` is seeded with ``seed + i * n + j``, so a rerun reproduces it. A record that cannot be encoded
+    (an image that fails to decode, a prompt over ``max_prompt_len``) raises :class:`BadRecordError`, or
+    with ``skip_bad_rows`` is left out of the score and listed in ``skipped_ids``.
     """
     if not records:
         raise ValueError(f"no records to evaluate for task {task!r}")
@@ -91,16 +94,26 @@ def evaluate(
     predictions_path = out_dir / f"{task}_predictions.jsonl"
 
     rows: list[dict] = []
+    skipped_ids: list[str] = []
     with predictions_path.open("w", encoding="utf-8") as predictions, tqdm(
         total=len(records), desc=f"eval {task}", unit="q", disable=not progress
     ) as bar:
         for first in range(0, len(records), batch_size):
-            batch = records[first : first + batch_size]
-            prompts = [
-                encode_prompt(processor, record, max_pixels=max_pixels, max_prompt_len=max_prompt_len)
-                for record in batch
-            ]
-            seeds = [[seed + (first + i) * n + j for j in range(n)] for i in range(len(batch))]
+            chunk = records[first : first + batch_size]
+            batch, prompts, seeds = [], [], []
+            for index, record in enumerate(chunk, start=first):
+                try:
+                    prompts.append(encode_prompt(processor, record, max_pixels=max_pixels, max_prompt_len=max_prompt_len))
+                except BadRecordError:
+                    if not skip_bad_rows:
+                        raise
+                    skipped_ids.append(record.id)
+                    continue
+                batch.append(record)
+                seeds.append([seed + index * n + j for j in range(n)])
+            if not batch:
+                bar.update(len(chunk))
+                continue
             groups = engine.generate(prompts, n, sampling, seeds)
             if len(groups) != len(batch) or any(len(group) != n for group in groups):
                 raise RuntimeError(
@@ -120,7 +133,9 @@ def evaluate(
                 }
                 predictions.write(json.dumps(row) + "\n")
                 rows.append(row)
-            bar.update(len(batch))
+            bar.update(len(chunk))
+    if not rows:
+        raise BadRecordError(f"no usable records to evaluate for task {task!r}: all {len(records)} were skipped as bad rows")
 
     summary = {"task": task, "n_samples": n, **_summarise(rows, n, k_values)}
     subsets = sorted({row["subset"] for row in rows if row["subset"] is not None})
@@ -134,6 +149,7 @@ def evaluate(
         "top_k": sampling.top_k,
         "max_new_tokens": sampling.max_new_tokens,
     }
+    summary["skipped_ids"] = skipped_ids
     summary["predictions"] = str(predictions_path)
     summary_path = out_dir / f"{task}_summary.json"
     summary["summary"] = str(summary_path)
@@ -199,11 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary = evaluate(
         engine, records, processor, task=args.task, out_dir=args.out, sampling=sampling, n=args.n,
         k_values=args.k, max_pixels=args.max_pixels, max_prompt_len=args.max_prompt_len,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
     )
     print(format_table([summary]))
-    if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} bad row(s) of {args.data}")
+    skipped = len(dataset.skipped) + len(summary["skipped_ids"])
+    if skipped:
+        print(f"skipped {skipped} bad row(s) of {args.data}")
     return summary
 
 

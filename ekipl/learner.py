@@ -76,6 +76,10 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``max_bad_steps`` consecutive updates with a NaN/Inf loss."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Raised when an optimiser step leaves a NaN/Inf in the weights or the optimiser state."""
+
+
 def _through_head(head: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor):
     """Calls ``fn(hidden, head.weight)`` as the head's forward, so module hooks (ZeRO-3 gathering) apply."""
     original = head.forward
@@ -242,6 +246,11 @@ class Learner:
         self.bad_steps = 0
         local_norm = self._grad_norm_before_step()
         self.engine.step()
+        if not self.state_is_finite():
+            raise NonFiniteWeightsError(
+                f"an optimiser step left NaN/Inf in the weights or the optimiser state (optim.lr={self.optim_cfg.lr:g}, "
+                f"grad norm {local_norm:g}); lower optim.lr or set optim.grad_clip"
+            )
         metrics = {f"loss/{key}": value if key.startswith("tokens_") else value / max(tokens, 1)
                    for key, value in weighted.items()}
         metrics["loss"] = all_reduce_sum(loss_sum, self.device)
@@ -275,6 +284,26 @@ class Learner:
         out = result["out"]
         out.loss = loss
         return out
+
+    @torch.no_grad()
+    def state_is_finite(self) -> bool:
+        """Whether this rank's weights (its partitions under ZeRO-3) and optimiser state are all finite, on every rank.
+
+        Checked after every optimiser step, so that no checkpoint or export ever holds a NaN weight.
+        """
+        tensors = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        optimizer = self.engine.optimizer
+        while optimizer is not None:  # DeepSpeed's ZeRO wrappers hold the torch optimiser as .optimizer
+            for state in getattr(optimizer, "state", {}).values():
+                tensors.extend(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+            optimizer = getattr(optimizer, "optimizer", None)
+        # min and max propagate NaN and show +-Inf, with no tensor-sized temporary; one sync per device
+        extremes: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                extremes.setdefault(t.device, []).extend(torch.aminmax(t.detach().reshape(-1)))
+        bad = sum(int(not torch.isfinite(torch.stack(values).float()).all()) for values in extremes.values())
+        return all_reduce_sum(float(bad), self.device) == 0.0
 
     def _grad_norm_before_step(self) -> float:
         """The gradient norm where DeepSpeed does not report one (ZeRO-0: gradients live on the parameters)."""

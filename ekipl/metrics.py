@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +55,13 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # a new file renamed over the old one: a kill mid-write leaves either log whole, never an empty one
+        staging = self.path.with_name(self.path.name + ".tmp")
+        with staging.open("w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

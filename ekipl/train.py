@@ -46,18 +46,24 @@ def _prepare_environment() -> torch.device:
 
 
 from ekipl import checkpoint  # noqa: E402
-from ekipl.config import TrainConfig, load_config  # noqa: E402
-from ekipl.config_loader import ConfigError, load_yaml, to_dict  # noqa: E402
-from ekipl.data import BadRecordError, Record, decode_completion, encode_prompt, load_records  # noqa: E402
+from ekipl.checkpoint import CheckpointError  # noqa: E402
+from ekipl.config import TrainConfig, load_config, read_deepspeed_config  # noqa: E402
+from ekipl.config_loader import ConfigError, to_dict  # noqa: E402
+from ekipl.data import (  # noqa: E402
+    BadRecordError, Record, check_prompt_lengths, decode_completion, encode_prompt, load_records,
+)
 from ekipl.experts.pool import ExpertPool  # noqa: E402
 from ekipl.experts.prefix import guided_completion, prefixed_prompts  # noqa: E402
 from ekipl.groups import Candidate, Group, assemble_groups, group_metrics  # noqa: E402
-from ekipl.learner import Learner, NonFiniteLossError  # noqa: E402
+from ekipl.learner import Learner, NonFiniteLossError, all_reduce_sum  # noqa: E402
 from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves  # noqa: E402
 from ekipl.packing import TrainSequence  # noqa: E402
+from ekipl.preflight import validate_startup  # noqa: E402
 from ekipl.rewards import RewardSet  # noqa: E402
 from ekipl.rollout.base import Prompt, SamplingParams  # noqa: E402
+from ekipl.run_folder import RunFolderError, RunLock, check_fresh_start  # noqa: E402
 from ekipl.sampler import PromptSampler  # noqa: E402
+from ekipl.stop_request import StopRequest  # noqa: E402
 
 
 def sample_seed(*parts: object) -> int:
@@ -66,14 +72,12 @@ def sample_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def read_deepspeed_config(name: str) -> dict:
-    """A DeepSpeed JSON/YAML config, found as given or relative to the repository (``configs/...``)."""
-    path = Path(name)
-    if not path.is_file() and not path.is_absolute():
-        path = Path(__file__).resolve().parent.parent / name
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config={name!r} does not exist; use one of configs/ds_zero{{0,1,2,3}}.json")
-    return load_yaml(path) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+class RunStopped(RuntimeError):
+    """The run ended early on a signal (or the launcher's death), after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Trainer:
         import torch.distributed as dist
 
         self.cfg = cfg
+        validate_startup(cfg)  # files, packages and user code the config names: fail before DeepSpeed starts
         self.device = _prepare_environment()
         import deepspeed
 
@@ -103,14 +108,34 @@ class Trainer:
             raise ConfigError(
                 f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the number of ranks ({self.world})"
             )
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.resolved.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.lock = RunLock(self.out_dir)
+        self._on_main_checked(self._claim_output_dir)
         self.model_path = self._model_path()
         self.train_records, self.test_records = self._datasets()
         self._build_components()
 
     # -- setup ------------------------------------------------------------------------------------------
+    def _claim_output_dir(self) -> None:
+        """Locks the run folder against a second job, refuses to start over an earlier run, saves the config."""
+        self.lock.acquire()
+        try:
+            check_fresh_start(self.out_dir, self.cfg.run.resume)
+        except RunFolderError:
+            self.lock.release()
+            raise
+        (self.out_dir / "config.resolved.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    def _on_main_checked(self, fn) -> None:
+        """Runs the check ``fn`` on rank 0 and stops every rank when it fails (no rank waits forever)."""
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                error = exc
+        if all_reduce_sum(float(error is not None), self.device) > 0:
+            raise error if error is not None else RunFolderError("rank 0 refused to start; see its error")
+
     def _on_main_first(self, fn):
         """Runs ``fn`` on rank 0, then on the others (for work that writes shared files once)."""
         import torch.distributed as dist
@@ -121,13 +146,7 @@ class Trainer:
 
     def _model_path(self) -> Path:
         if self.cfg.model.path != "tiny":
-            path = Path(self.cfg.model.path)
-            if not (path / "config.json").is_file():
-                raise ConfigError(
-                    f"model.path={str(path)!r} holds no model (no config.json); give a local folder saved with "
-                    "save_pretrained, or model.path=tiny for the embedded tiny model"
-                )
-            return path
+            return Path(self.cfg.model.path)  # checked by validate_startup
         from ekipl.tools.tiny_model import build_tiny_model
 
         tiny = self.out_dir / "tiny_model"
@@ -152,8 +171,6 @@ class Trainer:
             self._on_main_first(write)
             train_path, test_path, image_root = folder / "train.jsonl", folder / "test.jsonl", folder
         else:
-            if data.train_path is None:
-                raise ConfigError(f"data.train_path is required for data.task={data.task!r}")
             train_path, test_path, image_root = data.train_path, data.test_path, data.image_root
         load = lambda p: load_records(p, task=data.task, image_root=image_root, skip_bad_rows=data.skip_bad_rows)  # noqa: E731
         train = load(train_path)
@@ -163,17 +180,26 @@ class Trainer:
             print(f"[ekipl] skipped {self.skipped_rows} bad rows (data.skip_bad_rows=true)", file=sys.stderr)
         return list(train), list(test) if test else []
 
+    def _fitting_prompts(self, records: list[Record]) -> list[Record]:
+        """Checks before training that every prompt fits ``data.max_prompt_len`` (skipping or failing on those that don't)."""
+        if not records:
+            return records
+        data = self.cfg.data
+        checked = check_prompt_lengths(self.processor, records, max_pixels=data.max_pixels, max_prompt_len=data.max_prompt_len,
+                                       skip_bad_rows=data.skip_bad_rows)
+        self.skipped_rows += len(checked.skipped)
+        return list(checked)
+
     def _build_components(self) -> None:
         from ekipl.models import load_policy, load_processor
         from ekipl.rollout.hf import HFEngine
 
         cfg = self.cfg
         dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                 "fp32": torch.float32}.get(cfg.model.dtype)
-        if dtype is None:
-            raise ConfigError(f"model.dtype={cfg.model.dtype!r} is invalid: expected auto, bf16 or fp32")
+                 "fp32": torch.float32}[cfg.model.dtype]
         self.processor = load_processor(self.model_path)
         self.tokenizer = self.processor.tokenizer
+        self.train_records, self.test_records = self._fitting_prompts(self.train_records), self._fitting_prompts(self.test_records)
         torch.manual_seed(cfg.run.seed)
         load = lambda: load_policy(  # noqa: E731
             self.model_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
@@ -204,6 +230,8 @@ class Trainer:
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
         self._prompt_cache: dict[str, Prompt] = {}
         self.step_index = 0
+        self._unjudged_checkpoint: Optional[Path] = None  # saved (or resumed) weights not yet seen to give a finite loss
+        self._skipped_eval_ids: set[str] = set()
 
     # -- one EKIPL step ---------------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -215,6 +243,7 @@ class Trainer:
             self.learner.fill_logprobs(batch.sequences, old=self.needs_old_logprobs(len(batch.sequences)))
         with timer.phase("update"):
             update = self.learner.update(batch.sequences)
+        self._judge_latest_checkpoint(update)
         with timer.phase("sync"):
             sync = self.engine.update_weights(self.learner.named_weights())
         self.step_index += 1
@@ -232,7 +261,7 @@ class Trainer:
             "tokens_per_s": (generated + trained) / seconds,
             "time/step": seconds,
             "memory/peak_gb": peak_memory_gb(self.device),
-            "data/skipped_rows": float(self.skipped_rows),
+            "data/skipped_rows": float(self.skipped_rows + len(self._skipped_eval_ids)),
         }
 
     def make_experience(self, timer: PhaseTimer) -> "Experience":
@@ -363,21 +392,59 @@ class Trainer:
         return {"step": self.step_index, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
                 "experts": self.experts.state_dict()}
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
     def resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg.run.resume, self.out_dir / "checkpoints")
-        if path is None:
+        """``run.resume``: "auto" (the newest usable checkpoint, if any), "never", or a checkpoint folder."""
+        resume = self.cfg.run.resume
+        if resume == "never":
             return
-        state = checkpoint.load(self.learner.engine, path)
+        if resume == "auto":
+            found = checkpoint.load_latest(self.learner.engine, self.checkpoint_dir)
+            if found is None:
+                return
+            path, state = found
+        else:
+            path, state = Path(resume), checkpoint.load_from(self.learner.engine, Path(resume))
         self.step_index = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.experts.load_state_dict(state.get("experts", {}))
+        self._unjudged_checkpoint = path
         if self.is_main:
             print(f"[ekipl] resumed from {path} at step {self.step_index}", file=sys.stderr)
 
-    def save(self) -> Path:
-        return checkpoint.save(self.learner.engine, self.out_dir / "checkpoints", self.step_index, self.client_state(),
+    @property
+    def healthy(self) -> bool:
+        """False while the latest update had a non-finite loss: such weights are never saved or exported."""
+        return self.learner.bad_steps == 0
+
+    def save(self) -> Optional[Path]:
+        """A checkpoint of the current step, unless the weights are unhealthy (then the last good one stays)."""
+        if not self.healthy:
+            if self.is_main:
+                print(f"[ekipl] step {self.step_index}: no checkpoint saved, the last update had a non-finite loss; "
+                      f"{self.last_good_note()}", file=sys.stderr)
+            return None
+        path = checkpoint.save(self.learner.engine, self.checkpoint_dir, self.step_index, self.client_state(),
                                self.cfg.run.keep_last)
+        self._unjudged_checkpoint = path
+        return path
+
+    def _judge_latest_checkpoint(self, update: dict[str, float]) -> None:
+        """The first update after a save tells whether the saved weights are usable; mark them when not."""
+        if self._unjudged_checkpoint is not None and update.get("skipped_steps", 0.0) > 0:
+            checkpoint.mark_suspect(self._unjudged_checkpoint,
+                                    f"the update of step {self.step_index + 1}, right after it, had a non-finite loss")
+        self._unjudged_checkpoint = None
+
+    def last_good_note(self) -> str:
+        good = checkpoint.last_good(self.checkpoint_dir)
+        if good is None:
+            return "no good checkpoint exists yet"
+        return f"the last good checkpoint is {good} (run.resume=auto continues from it)"
 
     def evaluate(self) -> dict[str, float]:
         import torch.distributed as dist
@@ -395,13 +462,15 @@ class Trainer:
                     out_dir=self.out_dir / "eval" / f"step_{self.step_index:08d}",
                     sampling=SamplingParams(e.temperature, e.top_p, e.top_k, e.max_new_tokens), n=e.n,
                     k_values=e.k_values, max_pixels=self.cfg.data.max_pixels, max_prompt_len=self.cfg.data.max_prompt_len,
-                    seed=self.cfg.run.seed, progress=False,
+                    seed=self.cfg.run.seed, progress=False, skip_bad_rows=self.cfg.data.skip_bad_rows,
                 )
         dist.barrier()
         if not summary:
             return {}
+        self._skipped_eval_ids.update(summary["skipped_ids"])
         return {"eval/score": summary["score"], **self.held_out_rewards(summary["predictions"], records),
-                **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")}}
+                **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")},
+                "eval/skipped_rows": float(len(summary["skipped_ids"]))}
 
     def held_out_rewards(self, predictions_path: str, records: Sequence[Record]) -> dict[str, float]:
         """The training reward (and format rate) of the evaluation's answers: the held-out mean reward."""
@@ -429,36 +498,67 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
+        """Steps to ``run.max_steps`` (or ``run.stop_at_step``), then the HF export and the curves.
+
+        Each step's metrics are logged, then its checkpoint saved, then the evaluation run, so a failing
+        evaluation never costs trained steps. A signal ends the run after the current step with a
+        checkpoint (:class:`RunStopped`); non-finite weights are never saved or exported.
+        """
         from tqdm import tqdm
 
         cfg = self.cfg.run
-        self.resume()
-        logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=cfg.wandb_project, config=to_dict(self.cfg))
-        logger.truncate_after(self.step_index)
-        bar = tqdm(total=cfg.max_steps, initial=self.step_index, disable=not self.is_main, desc="ekipl", dynamic_ncols=True)
+        end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
         metrics: dict[str, float] = {}
+        stop = StopRequest().install()
         try:
-            end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
-            while self.step_index < end:
-                metrics = self.step()
-                last = self.step_index == cfg.max_steps
-                if cfg.eval_every > 0 and self.step_index % cfg.eval_every == 0 or (last and cfg.eval_every >= 0):
-                    metrics.update(self.evaluate())
-                logger.log(self.step_index, metrics)
-                if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or self.step_index == end:
-                    self.save()
-                bar.update(1)
-                if self.step_index % cfg.log_every == 0:
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", expert=f"{metrics['groups/action_source_ratio']:.2f}",
-                                    loss=f"{metrics.get('loss', float('nan')):.3f}")
+            self.resume()
+            logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=cfg.wandb_project, config=to_dict(self.cfg))
+            logger.truncate_after(self.step_index)
+            bar = tqdm(total=cfg.max_steps, initial=self.step_index, disable=not self.is_main, desc="ekipl", dynamic_ncols=True)
+            try:
+                while self.step_index < end and not self._stop_agreed(stop):
+                    metrics = self.step()
+                    logger.log(self.step_index, metrics)
+                    if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or self.step_index == end:
+                        self.save()
+                    last = self.step_index == cfg.max_steps
+                    if cfg.eval_every > 0 and self.step_index % cfg.eval_every == 0 or (last and cfg.eval_every >= 0):
+                        evaluation = self.evaluate()
+                        logger.log(self.step_index, evaluation)
+                        metrics.update(evaluation)
+                    bar.update(1)
+                    if self.step_index % cfg.log_every == 0:
+                        bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", expert=f"{metrics['groups/action_source_ratio']:.2f}",
+                                        loss=f"{metrics.get('loss', float('nan')):.3f}")
+            finally:
+                bar.close()
+                logger.close()
+            if self.step_index < end:
+                self._stop_with_checkpoint(stop)
+            if not self.healthy:
+                raise NonFiniteLossError("the last update had a non-finite loss, so the final weights were neither saved "
+                                         "nor exported")
+        except NonFiniteLossError as exc:
+            raise type(exc)(f"{exc}. Nothing non-finite was saved; {self.last_good_note()}") from exc
         finally:
-            bar.close()
-            logger.close()
+            stop.uninstall()
             self.experts.close()
+            self.lock.release()
         self.export()
         if self.is_main and logger.path.exists():
             plot_curves(logger.path, self.out_dir / "curves.png")
         return metrics
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop: every rank must leave the loop at the same step."""
+        return all_reduce_sum(float(stop.reason is not None), self.device) > 0
+
+    def _stop_with_checkpoint(self, stop: StopRequest) -> None:
+        saved = checkpoint.checkpoints(self.checkpoint_dir)
+        path = saved[-1] if saved and checkpoint.step_of(saved[-1]) == self.step_index else self.save()
+        where = f"checkpoint {path}" if path is not None else f"no new checkpoint ({self.last_good_note()})"
+        raise RunStopped(f"stopped at step {self.step_index} ({stop.reason or 'another rank was stopped'}); {where}; "
+                         "rerun with run.resume=auto to continue", stop.exit_code)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -471,7 +571,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         Trainer(cfg).run()
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, BadRecordError) as exc:
+    except RunStopped as exc:
+        print(f"ekipl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, BadRecordError, RunFolderError, CheckpointError) as exc:
         print(f"ekipl: error: {exc}", file=sys.stderr)
         return 2
     return 0

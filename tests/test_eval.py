@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ekipl.data import Record, encode_prompt
+from ekipl.data import BadRecordError, Record, encode_prompt
 from ekipl.eval import EVAL_SAMPLING, evaluate, format_table, pass_at_k
 from ekipl.rollout.base import Completion
 
@@ -134,6 +134,21 @@ def test_an_engine_that_loses_samples_is_an_error(processor, images, tmp_path):
     engine = ScriptedEngine(processor.tokenizer, {"q": ["<answer>3</answer>"]})  # one text for n=2
     with pytest.raises(RuntimeError, match="returned"):
         evaluate(engine, [record], processor, task="clevr-math", out_dir=tmp_path, n=2, progress=False)
+
+
+def test_a_test_image_gone_at_eval_is_skipped_and_counted_or_named(processor, images, tmp_path):
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(open(images[0], "rb").read())
+    records = [Record(id="ok", task="clevr-math", images=(images[1],), problem="How many?", solution="<answer>2</answer>"),
+               Record(id="bad", task="clevr-math", images=(str(gone),), problem="How many?", solution="<answer>1</answer>")]
+    gone.unlink()  # it passed the load-time check, then vanished
+    engine = ScriptedEngine(processor.tokenizer, {"ok": ["<think>t</think><answer>2</answer>"]})
+    with pytest.raises(BadRecordError, match="gone.png"):
+        evaluate(engine, records, processor, task="clevr-math", out_dir=tmp_path, progress=False)
+    summary = evaluate(engine, records, processor, task="clevr-math", out_dir=tmp_path, progress=False, skip_bad_rows=True)
+    assert summary["skipped_ids"] == ["bad"] and summary["n_records"] == 1 and summary["score"] == 100.0
+    with pytest.raises(BadRecordError, match="all 1 were skipped"):
+        evaluate(engine, records[1:], processor, task="clevr-math", out_dir=tmp_path, progress=False, skip_bad_rows=True)
 
 
 @pytest.mark.parametrize("n", range(1, 7))
