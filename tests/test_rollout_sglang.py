@@ -16,7 +16,7 @@ from fakes.sglang import FakeSGLangServer, HFBackedGenerate, RecordingEngine
 from PIL import Image
 
 from ekipl.models import load_policy
-from ekipl.rollout.base import SamplingParams
+from ekipl.rollout.base import Prompt, SamplingParams
 from ekipl.rollout.hf import HFEngine
 from ekipl.rollout.sglang import (
     SGLangEngine,
@@ -29,7 +29,12 @@ from ekipl.rollout.sglang import (
     make_sglang_engine,
     model_token_ids,
 )
-from ekipl.rollout.sglang_api import collapse_image_placeholders, parse_generate_outputs
+from ekipl.rollout.sglang_api import (
+    collapse_image_placeholders,
+    parse_generate_outputs,
+    resample_seed,
+    sampling_params_dict,
+)
 from ekipl.rollout.weight_sync import buckets_of, tensor_bytes, transformers_to_sglang_name
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
@@ -44,8 +49,7 @@ def prompts(processor):
 
 @pytest.fixture(scope="module")
 def token_ids(tiny_model_dir):
-    image_token_id, stop_token_ids = model_token_ids(tiny_model_dir)
-    return dict(image_token_id=image_token_id, stop_token_ids=stop_token_ids)
+    return model_token_ids(tiny_model_dir)
 
 
 @pytest.fixture
@@ -66,6 +70,17 @@ def http_client(url, token_ids, **kwargs):
 
 def token_lists(groups):
     return [[c.token_ids for c in group] for group in groups]
+
+
+def vision_ids(config) -> set[int]:
+    return {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+
+
+def hf_continuation(policy, processor, prompt, head, seed, max_new_tokens, sampling=SAMPLING):
+    """The HF engine's sample of ``prompt`` continued after the completion tokens ``head``."""
+    resumed = Prompt(prompt.uid, prompt.input_ids + head, prompt.images, prompt.mm_inputs)
+    budget = SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k, max_new_tokens)
+    return HFEngine(policy, processor).generate([resumed], 1, budget, [[seed]])[0][0]
 
 
 def free_port() -> int:
@@ -100,7 +115,7 @@ def test_http_generate_samples_what_the_hf_engine_samples(server, token_ids, pol
 def test_groups_are_prefilled_once_so_every_sample_hits_the_prefix_cache(server, token_ids, prompts):
     client = http_client(server.url, token_ids)
     client.generate(prompts, 4, SAMPLING, [[1, 2, 3, 4], [5, 6, 7, 8]])
-    warm, samples = server.requests
+    warm, samples = server.requests[:2]  # any further request redraws a sampled vision token
     assert [p["max_new_tokens"] for p in warm[1]["sampling_params"]] == [0, 0]
     assert len(samples[1]["input_ids"]) == 8
     stats = client.last_stats
@@ -201,11 +216,86 @@ def test_engine_mixes_prompts_with_and_without_images(recording, token_ids, poli
     text_only = chat_prompt(processor, "t", "How many objects are there?", [])
     mixed = [prompts[0], text_only]
     engine = SGLangEngine(recording, **token_ids, prefill_groups=False)
-    groups = engine.generate(mixed, 2, SAMPLING, [[1, 2], [3, 4]])
+    # Seeds whose samples draw no vision token: a redrawn one would differ from the HF engine's suppression.
+    groups = engine.generate(mixed, 2, SAMPLING, [[1, 2], [4, 5]])
     assert token_lists(groups) == token_lists(
-        HFEngine(policy, processor).generate(mixed, 2, SAMPLING, [[1, 2], [3, 4]])
+        HFEngine(policy, processor).generate(mixed, 2, SAMPLING, [[1, 2], [4, 5]])
     )
     assert recording.calls[0][1]["image_data"][2:] == [None, None]
+
+
+@pytest.mark.parametrize("transport", ["engine", "http"])
+def test_sampled_vision_tokens_never_reach_the_trainer(transport, policy, processor, prompts, token_ids):
+    """SGLang samples from the whole vocabulary: a vision placeholder it emits is cut, and the sample continues
+    from there with a fresh seed, every log-prob still the full-vocabulary one (what the learner recomputes)."""
+    config = policy.config
+    assert set(token_ids["suppress_token_ids"]) == vision_ids(config)
+    backend = HFBackedGenerate(policy, processor)
+    backend.forced = {
+        12: (3, config.image_token_id),
+        resample_seed(12, 1): (1, config.video_token_id),  # the first resample draws one again
+        21: (0, config.vision_start_token_id),
+    }
+    (emitted,) = backend.generate(
+        [collapse_image_placeholders(prompts[0].input_ids, config.image_token_id)],
+        [sampling_params_dict(SAMPLING, token_ids["stop_token_ids"], 12)],
+        image_data=[prompts[0].images],
+    )
+    assert emitted["output_ids"][3] == config.image_token_id  # the stand-in does emit one
+    seeds = [[11, 12], [21, 22]]
+    if transport == "http":
+        with FakeSGLangServer(backend) as server:
+            groups = http_client(server.url, token_ids).generate(prompts, 2, SAMPLING, seeds)
+            requests = [body for _, body in server.requests]
+    else:
+        recording = RecordingEngine(backend)
+        groups = SGLangEngine(recording, **token_ids).generate(prompts, 2, SAMPLING, seeds)
+        requests = [kwargs for _, kwargs in recording.calls]
+
+    reference = HFEngine(policy, processor).generate(prompts, 2, SAMPLING, seeds)
+    for group in groups:
+        for completion in group:
+            assert not vision_ids(config) & set(completion.token_ids) and len(completion.token_ids) <= 8
+    for i, j in ((0, 0), (1, 1)):  # untouched samples
+        assert groups[i][j].token_ids == reference[i][j].token_ids
+        assert groups[i][j].logprobs == pytest.approx(reference[i][j].logprobs, abs=1e-5)
+    # Seed 12: cut at 3, resumed with resample_seed(12, 1), which drew a placeholder at 1; cut, resumed again.
+    head = reference[0][1].token_ids[:3]
+    first = hf_continuation(policy, processor, prompts[0], head, resample_seed(12, 1), 5)
+    head_logprobs = reference[0][1].logprobs[:3] + first.logprobs[:1]
+    head = head + first.token_ids[:1]
+    tail = hf_continuation(policy, processor, prompts[0], head, resample_seed(12, 2), 4)
+    assert groups[0][1].token_ids == head + tail.token_ids
+    assert groups[0][1].logprobs == pytest.approx(head_logprobs + tail.logprobs, abs=1e-5)
+    assert groups[0][1].finish_reason == tail.finish_reason
+    # Seed 21: a placeholder first, so the whole sample is redrawn.
+    redrawn = hf_continuation(policy, processor, prompts[1], [], resample_seed(21, 1), 8)
+    assert groups[1][0].token_ids == redrawn.token_ids
+    assert groups[1][0].logprobs == pytest.approx(redrawn.logprobs, abs=1e-5)
+    # Warm-up, samples, then one resample request per round, each continuing from the kept tokens.
+    assert len(requests) == 4
+    assert requests[2]["input_ids"][0] == requests[1]["input_ids"][1] + reference[0][1].token_ids[:3]
+    assert [p["max_new_tokens"] for p in requests[2]["sampling_params"]] == [5, 8]
+    assert [p["max_new_tokens"] for p in requests[3]["sampling_params"]] == [4]
+
+
+def test_vision_token_resampling_gives_up_by_cutting_the_sample(recording, policy, processor, prompts, token_ids):
+    config = policy.config
+    recording.backend.forced = {12: (3, config.image_token_id), resample_seed(12, 1): (1, config.image_token_id)}
+    engine = SGLangEngine(recording, **token_ids, prefill_groups=False, max_resamples=1)
+    (group,) = engine.generate(prompts[:1], 2, SAMPLING, [[11, 12]])
+    reference = HFEngine(policy, processor).generate(prompts[:1], 2, SAMPLING, [[11, 12]])[0]
+    first = hf_continuation(policy, processor, prompts[0], reference[1].token_ids[:3], resample_seed(12, 1), 5)
+    assert group[1].token_ids == reference[1].token_ids[:3] + first.token_ids[:1]  # ends before the second
+    assert group[1].finish_reason == "length" and len(recording.calls) == 2
+    # Greedy: another seed cannot change the argmax, so the sample is cut without a resample.
+    greedy = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=8)
+    recording.backend.forced = {5: (2, config.vision_end_token_id)}
+    recording.calls.clear()
+    (group,) = engine.generate(prompts[:1], 1, greedy, [[5]])
+    expected = HFEngine(policy, processor).generate(prompts[:1], 1, greedy, [[5]])[0][0]
+    assert group[0].token_ids == expected.token_ids[:2] and group[0].finish_reason == "length"
+    assert len(recording.calls) == 1
 
 
 def test_engine_weight_sync_buckets_names_flush_and_memory_order(recording, token_ids, policy, prompts):
@@ -294,6 +384,7 @@ def test_trainer_config_makes_an_http_engine(tiny_model_dir, processor, token_id
     assert isinstance(engine, SGLangHTTPEngine) and engine.base_url == "http://127.0.0.1:1"
     assert engine.bucket_bytes == 64 * 1024 * 1024
     assert (engine.image_token_id, engine.stop_token_ids) == (token_ids["image_token_id"], token_ids["stop_token_ids"])
+    assert engine.suppress_token_ids == frozenset(token_ids["suppress_token_ids"])
     with pytest.raises(ValueError, match="not an SGLang engine"):
         make_sglang_engine(RolloutConfig(engine="hf"), model_path=tiny_model_dir, processor=processor)
 

@@ -7,6 +7,10 @@ Weight sync goes through ``update_weights_from_tensor`` in buckets (``bucket_byt
 prefix cache flushed with the last bucket only, parameter names mapped from transformers' layout to
 SGLang's. Over HTTP the tensors travel as CUDA IPC handles, so the server must run on the learner's machine.
 
+Vision special tokens (image/video placeholders, vision start/end) are never handed back: SGLang samples from the
+whole vocabulary, so a sample that draws one is cut before it and continued from there with a fresh seed (see
+:meth:`SGLangEngineBase._redraw_suppressed`), the way the HF engine never samples them.
+
 Memory (in-process, ``enable_memory_saver``): :meth:`release_memory` frees the KV cache, the weights and the
 CUDA graphs before the learner runs; :meth:`update_weights` takes the weights back first, loads the new ones,
 and only then retakes the KV cache, so the learner's memory and SGLang's KV cache never coexist with a second
@@ -44,6 +48,7 @@ from ekipl.rollout.sglang_api import (
     generate_requests,
     image_to_data_url,
     parse_generate_outputs,
+    resample_seed,
 )
 from ekipl.rollout.weight_sync import (
     DEFAULT_BUCKET_BYTES,
@@ -67,8 +72,13 @@ __all__ = [
 ]
 
 
-def model_token_ids(model_path: str | Path, tokenizer: Any = None) -> tuple[int | None, tuple[int, ...]]:
-    """The image placeholder id (None for a text-only model) and the stop ids of the model at ``model_path``.
+# The config fields of the vision special tokens, which a completion must never contain (as in the HF engine).
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def model_token_ids(model_path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+    """The engine's token keyword arguments for the model at ``model_path``: ``image_token_id`` (None for a
+    text-only model), ``stop_token_ids`` and ``suppress_token_ids`` (its vision special tokens).
 
     ``tokenizer``: the model's tokenizer if the caller has it loaded already.
     """
@@ -80,7 +90,18 @@ def model_token_ids(model_path: str | Path, tokenizer: Any = None) -> tuple[int 
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         generation_config = None
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(model_path))
-    return getattr(config, "image_token_id", None), eos_token_ids(generation_config, tokenizer)
+    return dict(
+        image_token_id=getattr(config, "image_token_id", None),
+        stop_token_ids=eos_token_ids(generation_config, tokenizer),
+        suppress_token_ids=tuple(
+            getattr(config, field) for field in VISION_TOKEN_FIELDS if getattr(config, field, None) is not None
+        ),
+    )
+
+
+def _cut(completion: Completion, end: int) -> Completion:
+    """The first ``end`` tokens of ``completion``, as a sample that ran out of length there."""
+    return Completion(list(completion.token_ids[:end]), list(completion.logprobs[:end]), "length")
 
 
 def _check_success(result: Any, what: str) -> None:
@@ -91,21 +112,33 @@ def _check_success(result: Any, what: str) -> None:
 
 
 class SGLangEngineBase(ABC):
-    """The protocol on top of five transport calls that the in-process and HTTP engines provide."""
+    """The protocol on top of five transport calls that the in-process and HTTP engines provide.
+
+    ``suppress_token_ids`` (the image placeholder always among them) never appear in a completion; a sample that
+    draws one is redrawn from there up to ``max_resamples`` times, then cut before it.
+    """
 
     def __init__(
         self,
         *,
         image_token_id: int | None,
         stop_token_ids: Sequence[int],
+        suppress_token_ids: Sequence[int] = (),
+        max_resamples: int = 4,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         name_mapper: Callable[[str], str] = transformers_to_sglang_name,
         prefill_groups: bool = True,
     ):
         if not stop_token_ids:
             raise ValueError("stop_token_ids is empty: give the model's EOS ids (see model_token_ids)")
+        if max_resamples < 0:
+            raise ValueError(f"max_resamples={max_resamples} is invalid: expected >= 0")
         self.image_token_id = image_token_id
         self.stop_token_ids = tuple(stop_token_ids)
+        self.suppress_token_ids = frozenset(suppress_token_ids) | frozenset(
+            [image_token_id] if image_token_id is not None else []
+        )
+        self.max_resamples = max_resamples
         self.bucket_bytes = bucket_bytes
         self.name_mapper = name_mapper
         self.prefill_groups = prefill_groups
@@ -146,20 +179,12 @@ class SGLangEngineBase(ABC):
         if not prompts:
             self.last_stats = GenerateStats(0, 0, 0, 0, 0, 0.0)
             return []
-        warm, samples = generate_requests(
-            prompts,
-            n,
-            sampling,
-            seeds,
-            image_token_id=self.image_token_id,
-            stop_token_ids=self.stop_token_ids,
-            encode_image=self._encode_image,
-            prefill_groups=self.prefill_groups,
-        )
+        warm, samples = self._requests(prompts, n, sampling, seeds, prefill_groups=self.prefill_groups)
         if warm is not None:
             self._generate(warm)
         groups, prompt_tokens, cached_tokens = parse_generate_outputs(self._generate(samples), len(prompts), n)
-        self.last_stats = GenerateStats(
+        self._redraw_suppressed(prompts, groups, sampling, seeds)
+        self.last_stats = GenerateStats(  # of the samples as delivered: redraws are uncounted, like the cut tokens
             prompts=len(prompts),
             samples=len(prompts) * n,
             prompt_tokens=prompt_tokens,
@@ -168,6 +193,83 @@ class SGLangEngineBase(ABC):
             seconds=time.perf_counter() - start,
         )
         return groups
+
+    def _requests(
+        self,
+        prompts: Sequence[Prompt],
+        n: int,
+        sampling: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+        *,
+        prefill_groups: bool,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        return generate_requests(
+            prompts,
+            n,
+            sampling,
+            seeds,
+            image_token_id=self.image_token_id,
+            stop_token_ids=self.stop_token_ids,
+            encode_image=self._encode_image,
+            prefill_groups=prefill_groups,
+            max_new_tokens=max_new_tokens,
+        )
+
+    def _first_suppressed(self, token_ids: Sequence[int]) -> int | None:
+        return next((k for k, token in enumerate(token_ids) if token in self.suppress_token_ids), None)
+
+    def _redraw_suppressed(
+        self,
+        prompts: Sequence[Prompt],
+        groups: list[list[Completion]],
+        sampling: SamplingParams,
+        seeds: Sequence[Sequence[int]],
+    ) -> None:
+        """Replace, in ``groups``, every sample that holds a suppressed token.
+
+        The sample keeps its tokens before the first suppressed one and continues from there with a fresh seed
+        (``resample_seed``): token-level rejection, so the allowed tokens keep their relative odds. After
+        ``max_resamples`` redraws that still draw one, the sample ends before it ("length"); under greedy sampling
+        a new seed would draw the same token, so it ends there at once.
+        SGLang's ``logit_bias`` and ``custom_logit_processor`` would suppress inside the sampler, but both act on
+        the logits from which SGLang then computes the returned log-probs, renormalising them over the allowed
+        tokens; a redraw from the unchanged distribution keeps every log-prob the full-vocabulary one that the
+        learner recomputes (the HF engine reports those too).
+        """
+        pending = [
+            (i, j)
+            for i, group in enumerate(groups)
+            for j, completion in enumerate(group)
+            if self._first_suppressed(completion.token_ids) is not None
+        ]
+        for attempt in range(1, (self.max_resamples if sampling.temperature > 0 else 0) + 1):
+            if not pending:
+                break
+            heads = [_cut(groups[i][j], self._first_suppressed(groups[i][j].token_ids)) for i, j in pending]
+            resumed = [
+                Prompt(prompts[i].uid, list(prompts[i].input_ids) + head.token_ids, prompts[i].images)
+                for (i, _), head in zip(pending, heads)
+            ]
+            _, request = self._requests(
+                resumed,
+                1,
+                sampling,
+                [[resample_seed(seeds[i][j], attempt)] for i, j in pending],
+                prefill_groups=False,
+                max_new_tokens=[sampling.max_new_tokens - len(head.token_ids) for head in heads],
+            )
+            tails, _, _ = parse_generate_outputs(self._generate(request), len(resumed), 1)
+            still = []
+            for (i, j), head, (tail,) in zip(pending, heads, tails):
+                groups[i][j] = Completion(
+                    head.token_ids + tail.token_ids, head.logprobs + tail.logprobs, tail.finish_reason
+                )
+                if self._first_suppressed(tail.token_ids) is not None:
+                    still.append((i, j))
+            pending = still
+        for i, j in pending:
+            groups[i][j] = _cut(groups[i][j], self._first_suppressed(groups[i][j].token_ids))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Send the weights in buckets (names mapped to SGLang's); the last bucket flushes the prefix cache."""
@@ -249,7 +351,7 @@ class SGLangEngine(SGLangEngineBase):
     def launch(cls, args: SGLangLaunchArgs, **kwargs: Any) -> "SGLangEngine":
         """Start ``sglang.Engine`` for ``args.model_path``; ``kwargs`` go to the wrapper (bucket_bytes, ...).
 
-        The image and stop ids are read from the model folder unless given.
+        The image, stop and suppressed token ids are read from the model folder unless stop_token_ids is given.
         """
         try:
             import sglang
@@ -259,7 +361,7 @@ class SGLangEngine(SGLangEngineBase):
                 "or use the HF engine"
             ) from error
         if "stop_token_ids" not in kwargs:
-            kwargs["image_token_id"], kwargs["stop_token_ids"] = model_token_ids(args.model_path)
+            kwargs = {**model_token_ids(args.model_path), **kwargs}
         return cls(sglang.Engine(**args.engine_kwargs()), **kwargs)
 
     def _generate(self, request: dict[str, Any]) -> Any:
@@ -324,9 +426,8 @@ class SGLangHTTPEngine(SGLangEngineBase):
 
     @classmethod
     def for_model(cls, base_url: str, model_path: str | Path, **kwargs: Any) -> "SGLangHTTPEngine":
-        """A client whose image and stop ids are read from the served model's local folder."""
-        image_token_id, stop_token_ids = model_token_ids(model_path)
-        return cls(base_url, image_token_id=image_token_id, stop_token_ids=stop_token_ids, **kwargs)
+        """A client whose image, stop and suppressed ids are read from the served model's local folder."""
+        return cls(base_url, **{**model_token_ids(model_path), **kwargs})
 
     def _post(self, endpoint: str, body: dict[str, Any] | None = None) -> requests.Response:
         url = f"{self.base_url}{endpoint}"
@@ -395,9 +496,9 @@ def make_sglang_engine(rollout: Any, *, model_path: str | Path, processor: Any) 
     ``rollout.engine``: ``"sglang"`` launches an in-process engine (``mem_fraction_static``), ``"sglang-http"``
     connects to the server at ``rollout.url``; both sync weights in buckets of ``rollout.bucket_mb`` MB.
     """
-    image_token_id, stop_token_ids = model_token_ids(model_path, getattr(processor, "tokenizer", processor))
     common = dict(
-        image_token_id=image_token_id, stop_token_ids=stop_token_ids, bucket_bytes=rollout.bucket_mb * 1024 * 1024
+        **model_token_ids(model_path, getattr(processor, "tokenizer", processor)),
+        bucket_bytes=rollout.bucket_mb * 1024 * 1024,
     )
     if rollout.engine == "sglang-http":
         return SGLangHTTPEngine(rollout.url, **common)

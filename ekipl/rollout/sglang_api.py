@@ -12,6 +12,7 @@ them); SGLang expands placeholders itself from the image it is given, so each ru
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from typing import Any, Callable, Sequence
 
@@ -73,6 +74,16 @@ def sampling_params_dict(
     }
 
 
+def resample_seed(seed: int, attempt: int) -> int:
+    """The 31-bit seed of the ``attempt``-th redraw of the sample seeded ``seed``.
+
+    SGLang's seeded sampling draws each position from (seed, position), so the original seed would only draw the
+    same token again.
+    """
+    digest = hashlib.blake2b(f"{seed}:resample:{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 def generate_requests(
     prompts: Sequence[Prompt],
     n: int,
@@ -83,11 +94,16 @@ def generate_requests(
     stop_token_ids: Sequence[int],
     encode_image: Callable[[Any], Any],
     prefill_groups: bool,
+    max_new_tokens: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The (optional) prefix-warming request and the sampling request, as ``Engine.generate`` keyword args.
 
     The sampling request holds ``len(prompts) * n`` requests, sample ``j`` of prompt ``i`` at ``i * n + j``.
+    ``max_new_tokens[i]``, if given, replaces ``sampling.max_new_tokens`` for prompt ``i``.
     """
+    budgets = list(max_new_tokens) if max_new_tokens is not None else [sampling.max_new_tokens] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(prompts)} prompts")
     input_ids = [collapse_image_placeholders(p.input_ids, image_token_id) for p in prompts]
     has_images = any(p.images for p in prompts)
     images = [[encode_image(image) for image in p.images] or None for p in prompts]
@@ -103,7 +119,14 @@ def generate_requests(
         return body
 
     rows = [i for i in range(len(prompts)) for _ in range(n)]
-    samples = request(rows, [sampling_params_dict(sampling, stop_token_ids, seed) for group in seeds for seed in group])
+    samples = request(
+        rows,
+        [
+            sampling_params_dict(sampling, stop_token_ids, seed, budgets[i])
+            for i, group in enumerate(seeds)
+            for seed in group
+        ],
+    )
     if not prefill_groups or n == 1:
         return None, samples
     warm = request(

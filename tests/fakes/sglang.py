@@ -3,8 +3,9 @@ with ``sglang.Engine``'s method signatures, and a local HTTP server speaking SGL
 that a test can inject.
 
 The generate backend does what SGLang does with a request: it loads each request's images, re-expands the
-single image placeholder per image into one per image token, samples with the request's ``sampling_seed``,
-and reports ``cached_tokens`` from a prefix cache keyed on (prompt ids, images) that ``flush_cache`` clears.
+single image placeholder per image into one per image token, samples with the request's ``sampling_seed``
+from the whole vocabulary (vision special tokens included, as SGLang does), and reports ``cached_tokens`` from
+a prefix cache keyed on (prompt ids, images) that ``flush_cache`` clears.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ def load_image(image: Any) -> Image.Image:
 
 
 class HFBackedGenerate:
-    """SGLang's ``generate`` (request and response format) on top of :class:`HFEngine`."""
+    """SGLang's ``generate`` (request and response format) on top of :class:`HFEngine`.
+
+    ``forced`` maps a ``sampling_seed`` to ``(step, token)``: that request's sample gets ``token`` at ``step``
+    with its log-prob under the model, as if sampled there (how a test makes a vision placeholder appear). The
+    HF model cannot decode past a stray placeholder, so the tokens after it are the unforced sample's: filler
+    that a client must drop.
+    """
 
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
         self.image_token_id = model.config.image_token_id
         self.cached_prefixes: set[tuple] = set()
+        self.forced: dict[int, tuple[int, int]] = {}
 
     def flush(self) -> None:
         self.cached_prefixes.clear()
@@ -71,12 +79,16 @@ class HFBackedGenerate:
         if sampling.max_new_tokens == 0:
             tokens, logprobs, finish = [], [], {"type": "length", "length": 0}
         else:
-            engine = HFEngine(self.model, self.processor, stop_token_ids=params["stop_token_ids"])
+            stop_ids = params["stop_token_ids"]
+            engine = HFEngine(self.model, self.processor, stop_token_ids=stop_ids, suppress_token_ids=())
             completion = engine.generate([prompt], 1, sampling, [[params["sampling_seed"]]])[0][0]
-            tokens, logprobs = completion.token_ids, completion.logprobs
+            tokens, logprobs = list(completion.token_ids), list(completion.logprobs)
+            step, token = self.forced.get(params["sampling_seed"], (len(tokens), None))
+            if step < len(tokens):
+                tokens[step], logprobs[step] = token, self._logprob_of(token, prompt, tokens[:step], sampling, stop_ids)
             finish = (
                 {"type": "stop", "matched": tokens[-1]}
-                if completion.finish_reason == "stop"
+                if completion.finish_reason == "stop" and tokens[-1] in stop_ids
                 else {"type": "length", "length": sampling.max_new_tokens}
             )
         return {
@@ -91,6 +103,18 @@ class HFBackedGenerate:
                 "output_token_logprobs": [[lp, token, None] for lp, token in zip(logprobs, tokens)],
             },
         }
+
+    def _logprob_of(self, token: int, prompt: Prompt, head: list[int], sampling: SamplingParams, stop_ids) -> float:
+        """The model's log-prob of ``token`` after ``prompt`` + ``head``: the HF engine reports the full-vocabulary
+        log-prob of what it samples, so let it sample nothing else."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        others = [v for v in range(vocab) if v != token]
+        engine = HFEngine(self.model, self.processor, stop_token_ids=stop_ids, suppress_token_ids=others)
+        resumed = Prompt(prompt.uid, prompt.input_ids + head, prompt.images, prompt.mm_inputs)
+        one = SamplingParams(temperature=sampling.temperature, top_p=1.0, top_k=0, max_new_tokens=1)
+        (completion,) = engine.generate([resumed], 1, one, [[0]])[0]
+        assert completion.token_ids == [token]
+        return completion.logprobs[0]
 
     def generate(self, input_ids, sampling_params, return_logprob=False, image_data=None, **_ignored):
         single = not isinstance(input_ids[0], list)
