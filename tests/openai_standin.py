@@ -8,7 +8,11 @@ turn. A marker's script is a list of actions, one per attempt (the last repeats)
   ``Retry-After: 0``);
 * ``"malformed"``: status 200 with a body that is not JSON;
 * ``"no_choices"``: status 200, valid JSON, no ``choices``;
-* ``"sleep:S"``: wait S seconds (cut short when the server stops), then answer as ``"ok"``.
+* ``"sleep:S"``: wait S seconds (cut short when the server stops), then answer as ``"ok"``;
+* ``"drip:S"``: status 200 and the full ``Content-Length``, then the ``"ok"`` body one byte every
+  :data:`DRIP_INTERVAL_S` seconds, for at most S seconds (or until the server stops), then the connection is
+  closed: every read gets a byte well within a per-read timeout, so only a total deadline ends the request;
+* ``"length"``: a chat completion whose content is the marker's answer, with ``finish_reason: "length"``.
 
 Requests without a registered marker get ``"ok"`` with :attr:`default_answer`. Every request's headers and
 body are kept, and hits are counted per marker.
@@ -20,10 +24,12 @@ import collections
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DEFAULT_ANSWER = "<think>I count the objects: there are 3.</think>\n<answer>3</answer>"
+DRIP_INTERVAL_S = 0.2
 
 
 class OpenAIStandIn:
@@ -88,13 +94,13 @@ def _user_text(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _completion(body: dict[str, Any], text: str) -> dict[str, Any]:
+def _completion(body: dict[str, Any], text: str, finish_reason: str = "stop") -> dict[str, Any]:
     return {
         "id": "chatcmpl-standin",
         "object": "chat.completion",
         "created": 0,
         "model": body.get("model", "standin"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
 
@@ -117,9 +123,13 @@ def _handler_class(standin: OpenAIStandIn):
             if action.startswith("sleep:"):
                 standin._stopping.wait(float(action.split(":", 1)[1]))
                 action = "ok"
+            answer = standin.answers.get(marker, standin.default_answer)
+            if action.startswith("drip:"):
+                return self._drip(json.dumps(_completion(body, answer)).encode(), float(action.split(":", 1)[1]))
             if action == "ok":
-                answer = standin.answers.get(marker, standin.default_answer)
                 return self._send(200, _completion(body, answer))
+            if action == "length":
+                return self._send(200, _completion(body, answer, finish_reason="length"))
             if action == "malformed":
                 return self._send(200, b"{not json", content_type="application/json")
             if action == "no_choices":
@@ -140,6 +150,23 @@ def _handler_class(standin: OpenAIStandIn):
                 self.end_headers()
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (its deadline passed)
+                pass
+
+        def _drip(self, data: bytes, seconds: float) -> None:
+            stop_at = time.monotonic() + seconds
+            self.close_connection = True  # the body may end short: the connection cannot be reused
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.flush()
+                for byte in data:
+                    if time.monotonic() >= stop_at or standin._stopping.wait(DRIP_INTERVAL_S):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up
                 pass
 
     return Handler

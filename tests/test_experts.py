@@ -288,3 +288,21 @@ def test_configs_are_checked():
     for data, fragment in bad:
         with pytest.raises(ConfigError, match=fragment):
             from_dict(ExpertPoolConfig, data)
+
+
+def test_an_api_key_in_api_key_env_is_refused_without_echoing_it():
+    rng = random.Random()
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    token = "".join(rng.choice(alphabet) for _ in range(37)) + "q7Z"
+    secrets = ["sk-proj-" + token, "sk_" + token, "AIzaSy" + token[:33], token, "Bearer " + token, "key=" + token[:20]]
+    for secret in secrets:
+        data = {"experts": [{"name": "oracle", "kind": "oracle"},
+                            {"name": "gpt", "kind": "openai", "model": "gpt-4o", "base_url": "https://x/v1",
+                             "api_key_env": secret}]}
+        with pytest.raises(ConfigError, match=r"experts\.experts\[1\].*api_key_env") as caught:
+            from_dict(ExpertPoolConfig, data, "experts.")
+        chain = [caught.value, caught.value.__cause__, caught.value.__context__]
+        assert not any(secret in str(error) or secret in repr(error) for error in chain if error is not None)
+        assert not any(part in str(caught.value) for part in (token[:8], token[-8:]))
+    for name in ("OPENAI_API_KEY", "gemini_key", "AZURE_OPENAI_API_KEY_2", "_KEY", "OPENAI_KEY_PROJECT2024ALPHA"):
+        assert ExpertConfig(name="gpt", kind="openai", model="m", base_url="https://x/v1", api_key_env=name)

@@ -191,3 +191,55 @@ def test_generate_writes_resumably_and_the_cache_expert_serves_it(tmp_path, api_
     replies = expert.answer(ExpertRequest(records[3]), [0, 1, 2], time.monotonic() + 1)
     assert [r.sample_index for r in replies] == [0, 1] and all(r.from_cache for r in replies)
     assert replies[0].text == server.default_answer
+
+
+def test_a_dripping_reply_is_cut_at_the_deadline_and_starves_nothing(tmp_path, processor, api_key):
+    # One byte every 0.2 s keeps every read well inside the 0.6 s per-read timeout: only a total deadline
+    # on each attempt ends it. The server drips for at most 8 s, bounding the test if that deadline is missing.
+    records = make_records(tmp_path, ["Question dripping?", "Question fine?"])
+    timeout_s = 1.5
+    with OpenAIStandIn() as server:
+        server.script("dripping", ["drip:8"])
+        expert = openai_expert("slow", server.base_url, k=1, max_in_flight=1, request_timeout_s=0.6)
+        pool = ExpertPool(ExpertPoolConfig(experts=(expert,), expert_timeout_s=timeout_s), processor)
+        first = pool.collect(pool.submit(records[:1]))
+        first_metrics = pool.step_metrics()
+        started = time.monotonic()
+        second = pool.collect(pool.submit(records[1:]))  # the expert's only worker must be free again
+        second_waited = time.monotonic() - started
+        pool.close()
+        closed_after = time.monotonic() - started
+
+    assert first == [[]] and first_metrics["experts/slow/timed_out"] == 1
+    assert server.hits["dripping"] >= 2  # each attempt ended at request_timeout_s, then it was retried
+    assert [a.text for a in second[0]] == [server.default_answer] and second_waited < 1.2, second_waited
+    assert closed_after < second_waited + 1.0, closed_after
+
+
+def test_truncated_answers_join_the_step_but_are_never_cached(tmp_path, processor, api_key):
+    records = make_records(tmp_path, ["How many cut short?", "How many whole?"])
+    cache_dir = tmp_path / "cache"
+    with OpenAIStandIn() as server:
+        server.script("cut short", ["length"])
+        config = ExpertPoolConfig(experts=(openai_expert("gpt", server.base_url, k=2),), cache_dir=str(cache_dir))
+        for run in range(2):
+            with ExpertPool(config, processor) as pool:
+                answers = pool.collect(pool.submit(records))
+            assert [[a.finish_reason for a in p] for p in answers] == [["length"] * 2, ["stop"] * 2]
+            assert [a.from_cache for p in answers for a in p] == [False, False] + [run == 1] * 2
+        assert server.hits["cut short"] == 4  # asked again by the second run
+    rows = [json.loads(line) for line in (cache_dir / "gpt.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and {row["finish_reason"] for row in rows} == {"stop"}
+
+
+def test_a_deleted_image_costs_its_answers_not_the_step(tmp_path, processor, api_key, caplog):
+    records = make_records(tmp_path, ["How many here?", "How many gone?"])
+    with OpenAIStandIn() as server:
+        config = ExpertPoolConfig(experts=(openai_expert("gpt", server.base_url, k=2),), cache_dir=str(tmp_path / "c"))
+        with ExpertPool(config, processor) as pool:
+            Path(records[1].images[0]).unlink()  # after the records were loaded
+            answers = pool.collect(pool.submit(records))
+            metrics = pool.step_metrics()
+    assert [len(per_prompt) for per_prompt in answers] == [2, 0]
+    assert (metrics["experts/gpt/received"], metrics["experts/gpt/dropped"]) == (2, 2)
+    assert records[1].images[0] in caplog.text

@@ -7,6 +7,7 @@ built, so a bad config fails at start-up, naming the expert and the key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -16,6 +17,12 @@ EXPERT_KINDS = ("sglang", "openai", "cache", "oracle")
 # Kinds whose answers cost money or accelerator time: they go through the on-disk answer cache.
 ONLINE_KINDS = ("sglang", "openai")
 INFUSE_WHEN = ("always", "unsolved")
+# What an environment variable's name looks like (POSIX). API keys hold '-', '.', '=' or spaces, or a long
+# random run mixing two of lower case, upper case and digits (names are short words between underscores),
+# or start with a vendor's key prefix.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LONG_RUN = re.compile(r"[A-Za-z0-9]{24,}")
+_KEY_PREFIXES = ("sk-", "sk_", "AIza", "hf_", "gsk_", "ghp_", "xai-")
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class ExpertConfig:
         model (at least its config and processor: they encode its prompts and decode its answers).
     base_url: the endpoint, e.g. "https://api.openai.com/v1" or "http://127.0.0.1:30000" (SGLang).
     api_key_env: the name of the environment variable that holds the API key (the key itself never
-        appears in a config, a log or a cache file); None sends a placeholder key (local servers).
+        appears in a config, a log or a cache file); None sends a placeholder key (local servers). A value
+        that looks like a key rather than a name is refused, without repeating it.
     max_in_flight: requests to this expert in flight at once.
     sampling: temperature, top_p, top_k, max_new_tokens (top_k is not an OpenAI parameter: an
         ``openai`` expert sends it only through ``extra_body``).
@@ -76,6 +84,13 @@ class ExpertConfig:
             raise ValueError(f"{where}: max_in_flight={self.max_in_flight} is invalid: expected >= 1")
         if self.request_timeout_s <= 0:
             raise ValueError(f"{where}: request_timeout_s={self.request_timeout_s} is invalid: expected > 0")
+        if self.api_key_env is not None and _looks_like_a_key(self.api_key_env):
+            # Never echo the value: the error would carry the key into logs and terminals.
+            raise ValueError(
+                f"{where}: api_key_env holds what looks like an API key, not the name of an environment variable "
+                "(value not shown); export the key in a variable (export OPENAI_API_KEY=...) and set "
+                "api_key_env to that variable's name"
+            )
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"{where}: error_rate={self.error_rate} is invalid: expected a value in [0, 1]")
         if self.kind == "openai" and not (self.base_url and self.model):
@@ -92,6 +107,13 @@ class ExpertConfig:
     def is_online(self) -> bool:
         """Whether answers are generated on demand (and so worth caching on disk)."""
         return self.kind in ONLINE_KINDS
+
+
+def _looks_like_a_key(value: str) -> bool:
+    if not _ENV_NAME.fullmatch(value) or value.startswith(_KEY_PREFIXES):
+        return True
+    classes = (str.islower, str.isupper, str.isdigit)
+    return any(sum(any(map(test, run)) for test in classes) >= 2 for run in _LONG_RUN.findall(value))
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,20 @@ a vLLM or SGLang server's ``/v1``), through the official ``openai`` client.
 
 The client's own retries are off (``max_retries=0``): this module retries 429, 5xx and connection errors
 itself, with exponential backoff and jitter, so that no attempt and no wait ever outlasts the step's
-deadline. The API key is read from the environment variable the config names and is handed to the client
-only; it is never logged, never written to a cache, never part of an error message.
+deadline. Each attempt is bounded in total (``request_timeout_s``, cut to the deadline), not only per read:
+the reply is streamed and abandoned once its time is up, so a server that drips bytes cannot hold a worker.
+The API key is read from the environment variable the config names and is handed to the client only; it is
+never logged, never written to a cache, never part of an error message.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import mimetypes
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -107,15 +111,7 @@ class OpenAIExpert:
         while True:
             timeout = min(self.config.request_timeout_s, seconds_left(deadline))
             try:
-                completion = self._client.chat.completions.create(
-                    model=self.config.model,
-                    messages=messages,
-                    temperature=self.config.sampling.temperature,
-                    top_p=self.config.sampling.top_p,
-                    max_tokens=self.config.sampling.max_new_tokens,
-                    extra_body=self.config.extra_body or None,
-                    timeout=timeout,
-                )
+                body = self._post(messages, timeout)
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as error:
                 delay = backoff_delay(attempt, self._rng, _retry_after_s(error))
                 if time.monotonic() + delay >= deadline:
@@ -132,9 +128,7 @@ class OpenAIExpert:
                 raise ExpertError(
                     f"expert {self.config.name!r}: {_describe(error)}: {self._redacted(error.message)} (not retried)"
                 ) from None
-            except (openai.APIResponseValidationError, ValueError) as error:  # ValueError: a body that is not JSON
-                raise MalformedReplyError(f"expert {self.config.name!r}: unreadable reply ({error})") from None
-            text, finish_reason = _reply_text(completion, self.config.name)
+            text, finish_reason = _reply_text(body, self.config.name)
             return ExpertReply(
                 sample_index=sample_index,
                 text=text,
@@ -142,12 +136,48 @@ class OpenAIExpert:
                 latency_s=time.monotonic() - started,
             )
 
+    def _post(self, messages: list[dict[str, Any]], timeout: float) -> bytes:
+        """One attempt's response body, within ``timeout`` seconds in all.
 
-def _reply_text(completion: Any, expert: str) -> tuple[str, str]:
+        The client's timeout bounds each read, not the reply: a server that drips its body a byte at a time
+        would hold this expert's worker past every deadline. So the body is streamed, and the attempt is cut
+        (as a timeout) once ``timeout`` has passed; a single silent read is still bounded by the client's.
+        """
+        openai = self._openai
+        cut_at = time.monotonic() + timeout
+        with self._client.chat.completions.with_streaming_response.create(
+            model=self.config.model,
+            messages=messages,
+            temperature=self.config.sampling.temperature,
+            top_p=self.config.sampling.top_p,
+            max_tokens=self.config.sampling.max_new_tokens,
+            extra_body=self.config.extra_body or None,
+            timeout=timeout,
+        ) as response:
+            request = response.http_response.request
+            # The HTTP library's errors (httpx, or httpx2 for later clients) are not wrapped by the client
+            # once the headers are in: map them to the client's, so they are retried as before.
+            http = sys.modules[type(response.http_response).__module__.partition(".")[0]]
+            chunks = []
+            try:
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    if time.monotonic() >= cut_at:
+                        raise openai.APITimeoutError(request=request)
+            except http.TimeoutException:
+                raise openai.APITimeoutError(request=request) from None
+            except http.TransportError:
+                raise openai.APIConnectionError(request=request) from None
+        return b"".join(chunks)
+
+
+def _reply_text(body: bytes, expert: str) -> tuple[str, str]:
     try:
-        choice = completion.choices[0]
-        text = choice.message.content
-        finish_reason = choice.finish_reason or "stop"
+        choice = json.loads(body)["choices"][0]
+        text = choice["message"]["content"]
+        finish_reason = choice.get("finish_reason") or "stop"
+    except ValueError as error:  # not JSON (nor UTF-8)
+        raise MalformedReplyError(f"expert {expert!r}: unreadable reply ({error})") from None
     except (AttributeError, IndexError, TypeError, KeyError) as error:
         raise MalformedReplyError(f"expert {expert!r}: the reply is not a chat completion ({error!r})") from None
     if not isinstance(text, str) or not text.strip():

@@ -10,8 +10,11 @@ With ``infuse_when: unsolved`` the trainer scores the policy's samples first and
 
 Each expert has its own thread pool of ``max_in_flight`` workers, so a slow expert never holds back
 another, and its requests in flight stay bounded. Answers already in the on-disk cache are served without a
-request; new ones are cached the moment they arrive, even after their step's deadline. A failing expert
-costs its answers, never the step: every error is caught, counted and logged once per step.
+request; new ones are cached the moment they arrive, even after their step's deadline. A truncated answer
+(``finish_reason: "length"``) joins its step like any other (its reward judges it; ``finish_reason`` travels
+with it) but is never cached, so later steps ask for that sample again. A failing expert costs its answers,
+never the step: every error is caught, counted and logged once per step; so is a prompt whose image can no
+longer be read (deleted since loading) when its answers would be looked up in the cache.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ class ExpertStats:
 
     requested: answers asked for. received: answers handed to the trainer. from_cache: of those, served
     from the answer cache. dropped: replies that came back unusable (malformed, empty, not re-tokenisable)
-    or were not given. failed: answers lost to errors (refused connections, HTTP errors, engine errors).
-    timed_out: answers not there by the deadline. latency_s: summed over fresh answers. tokens: summed over
-    received answers.
+    or were not given, and answers not asked for because their prompt's image could not be read. failed:
+    answers lost to errors (refused connections, HTTP errors, engine errors). timed_out: answers not there
+    by the deadline. latency_s: summed over fresh answers. tokens: summed over received answers.
     """
 
     requested: int = 0
@@ -86,6 +89,7 @@ class PendingAnswers:
     deadline: float
     calls: list[_Call] = field(default_factory=list)
     cached: list[tuple[int, int, ExpertReply]] = field(default_factory=list)  # (expert, request, reply)
+    unreadable: list[tuple[int, int, str]] = field(default_factory=list)  # (expert, answers lost, why)
 
 
 class ExpertPool:
@@ -179,9 +183,15 @@ class ExpertPool:
             for request_index, request in enumerate(requests):
                 if not asked[request_index]:
                     continue
+                if cache is not None:
+                    try:
+                        prompt_hash = request.prompt_hash
+                    except OSError as error:  # an image deleted or unreadable since the records were loaded
+                        pending.unreadable.append((expert_index, expert.config.k, f"prompt {request.uid!r}: {error}"))
+                        continue
                 missing = []
                 for sample_index in range(expert.config.k):
-                    reply = cache.get(request.prompt_hash, sample_index) if cache is not None else None
+                    reply = cache.get(prompt_hash, sample_index) if cache is not None else None
                     if reply is None:
                         missing.append(sample_index)
                     else:
@@ -200,7 +210,7 @@ class ExpertPool:
         cache = self.caches[expert_index]
         if cache is not None:
             for reply in replies:
-                if reply.sample_index in indices and reply.text.strip():
+                if reply.sample_index in indices:
                     cache.put(request.prompt_hash, reply)
         return replies
 
@@ -231,6 +241,9 @@ class ExpertPool:
             tally.tokens += len(answer.token_ids or ())
             answers[request_index].append(answer)
 
+        for expert_index, lost, why in pending.unreadable:
+            stats[expert_index].dropped += lost
+            errors.setdefault(expert_index, why)
         for expert_index, request_index, reply in pending.cached:
             accept(expert_index, request_index, reply)
         for call in pending.calls:
