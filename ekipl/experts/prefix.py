@@ -5,6 +5,11 @@ into prompts whose assistant turn already holds the first ``prefix_ratio`` of an
 (the best-rewarded answers first); the rollout engine continues them like any prompt, and
 :func:`guided_completion` joins prefix and continuation into one sequence whose tokens carry their origins:
 the expert's id on the prefix, 0 (the policy) on the continuation.
+
+Under a completion-length cap (``max_new_tokens``) the prefix counts against it: each prefixed prompt carries
+the ``continuation_budget`` left to the policy, an answer whose prefix alone fills the cap is not used, and
+:func:`guided_completion` cuts a continuation that overran its budget, so that one engine call with the largest
+budget serves prompts whose budgets differ (a sample cut after ``b`` tokens is distributed as one capped at ``b``).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from ekipl.rollout.base import Completion, Prompt
 @dataclass
 class PrefixedPrompt:
     """A policy prompt followed by an expert prefix, for the rollout engine; ``prompt_index`` is the
-    position of the original prompt in the step's batch."""
+    position of the original prompt in the step's batch; ``continuation_budget`` the new tokens left to the
+    policy under the cap (None without one)."""
 
     prompt: Prompt
     prompt_index: int
     expert_id: int
     prefix_ids: list[int]
     prefix_logprobs: Optional[list[float]]
+    continuation_budget: Optional[int] = None
 
 
 @dataclass
@@ -81,15 +88,20 @@ def prefixed_prompts(
     *,
     prefix_ratio: float,
     samples_per_prompt: int,
+    max_new_tokens: Optional[int] = None,
 ) -> list[PrefixedPrompt]:
     """Up to ``samples_per_prompt`` prefixed prompts per prompt that has usable expert answers (answers with
-    policy token ids), taken best reward first (answers without a reward last), cycling if there are fewer
-    answers than slots. ``answers[i]`` are the expert answers to ``prompts[i]``."""
+    policy token ids whose prefix leaves the policy at least one of the ``max_new_tokens``), taken best reward
+    first (answers without a reward last), cycling if there are fewer answers than slots. ``answers[i]`` are the
+    expert answers to ``prompts[i]``."""
     if len(answers) != len(prompts):
         raise ValueError(f"got expert answers for {len(answers)} prompts, but {len(prompts)} prompts")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected >= 1")
+    cap = max_new_tokens if max_new_tokens is not None else float("inf")
     prefixed: list[PrefixedPrompt] = []
     for prompt_index, (prompt, candidates) in enumerate(zip(prompts, answers)):
-        usable = [a for a in candidates if a.token_ids and prefix_length(len(a.token_ids), prefix_ratio) > 0]
+        usable = [a for a in candidates if a.token_ids and 0 < prefix_length(len(a.token_ids), prefix_ratio) < cap]
         usable.sort(key=lambda a: (a.reward is None, -(a.reward or 0.0)))
         for slot in range(samples_per_prompt if usable else 0):
             answer = usable[slot % len(usable)]
@@ -107,13 +119,17 @@ def prefixed_prompts(
                     expert_id=answer.expert_id,
                     prefix_ids=prefix_ids,
                     prefix_logprobs=list(answer.logprobs[:length]) if answer.logprobs is not None else None,
+                    continuation_budget=max_new_tokens - length if max_new_tokens is not None else None,
                 )
             )
     return prefixed
 
 
 def guided_completion(prefixed: PrefixedPrompt, continuation: Completion) -> GuidedCompletion:
-    """Join the prefix of ``prefixed`` with the engine's continuation of its prompt."""
+    """Join the prefix of ``prefixed`` with the engine's continuation of its prompt, cut to its budget."""
+    budget = prefixed.continuation_budget
+    if budget is not None and len(continuation.token_ids) > budget:
+        continuation = Completion(list(continuation.token_ids[:budget]), list(continuation.logprobs[:budget]), "length")
     return GuidedCompletion(
         prompt_index=prefixed.prompt_index,
         expert_id=prefixed.expert_id,
