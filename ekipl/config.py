@@ -203,6 +203,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The whole training config. ``loss.temperature``, when not given, is ``rollout.temperature``: the
+    trainer's log-probs then describe the distribution the answers were sampled from. A different value
+    is refused when the loss divides by the sampler's log-probs (``loss.tis_cap`` or ``expert_mode: is``)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +222,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.rewards is None or len(self.rewards) > 0, "rewards", self.rewards,
                  "reward names or 'module:function' entries; leave it unset for the task's defaults")
+        if self.loss.needs_behavior and self.loss.temperature != self.rollout.temperature:
+            raise ValueError(
+                f"loss.temperature={self.loss.temperature} differs from rollout.temperature={self.rollout.temperature}, "
+                "but the loss uses the sampler's log-probs (loss.tis_cap or loss.expert_mode=is), whose ratio is then "
+                "wrong: leave loss.temperature unset (it follows rollout.temperature) or set both alike"
+            )
         guided = self.experts.prefix_ratio > 0 and self.experts.experts
         if guided and self.experts.prefix_samples > self.rollout.n_policy:
             raise ValueError(
@@ -261,7 +271,11 @@ def load_config(path: Optional[str | Path], overrides: Sequence[str] | dict[str,
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
     data["loss"] = {**TRAINER_LOSS_DEFAULTS, **(data.get("loss") or {})}
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    data = apply_overrides(data, overrides)
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
+    data["loss"].setdefault("temperature", rollout.get("temperature", RolloutConfig.temperature))
+    data["loss"] = data.pop("loss")  # built after rollout, so a bad rollout.temperature is reported as such
+    return from_dict(TrainConfig, data)
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_deepspeed_config", "resolve_deepspeed_config_path"]

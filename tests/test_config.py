@@ -222,3 +222,16 @@ def test_group_larger_than_the_candidates_warns_once_at_startup():
         warnings.simplefilter("error")
         _startup({"rollout.n_policy": 4, "experts.experts": experts})
         _startup({"rollout.n_policy": 4, "group.select": "all"})
+
+
+def test_loss_temperature_follows_the_sampler_unless_given():
+    assert load_config(None, {"rollout.temperature": 0.7}).loss.temperature == 0.7
+    assert load_config(None, {"rollout.temperature": 0.7, "loss.temperature": 0.9}).loss.temperature == 0.9
+    assert load_config(None, {}).loss.temperature == 1.0
+
+
+@pytest.mark.parametrize("uses_sampler_logprobs", [{"loss.tis_cap": 2.0}, {"loss.expert_mode": "is"}])
+def test_a_loss_temperature_unlike_the_samplers_is_refused_when_the_ratio_uses_sampler_logprobs(uses_sampler_logprobs):
+    with pytest.raises(ConfigError, match=r"loss.temperature=0.9 differs from rollout.temperature=0.7"):
+        load_config(None, {"rollout.temperature": 0.7, "loss.temperature": 0.9, **uses_sampler_logprobs})
+    assert load_config(None, {"rollout.temperature": 0.7, **uses_sampler_logprobs}).loss.temperature == 0.7
