@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .step_stats import StepStats
+
 
 @dataclass(frozen=True)
 class GroupConfig:
@@ -71,6 +73,7 @@ class Candidate:
     origins: Optional[list[int]] = None
     behavior_logprobs: Optional[list[float]] = None
     reward_parts: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False  # stopped at max_new_tokens, not at EOS
 
     def __post_init__(self) -> None:
         if self.origins is None:
@@ -81,6 +84,11 @@ class Candidate:
     @property
     def from_expert(self) -> bool:
         return self.source > 0
+
+    @property
+    def guided(self) -> bool:
+        """A policy sample that continues an expert's prefix (LUFFY's prefix guidance): two origins in one."""
+        return self.source == 0 and any(o > 0 for o in self.origins)
 
 
 @dataclass
@@ -146,15 +154,16 @@ def assemble_groups(
     return groups
 
 
-def group_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """Zero-variance groups and the paper's action-source ratio (share of selected answers from experts)."""
+def record_group_metrics(groups: Sequence[Group], stats: StepStats, expert_names: Sequence[str]) -> None:
+    """Zero-variance groups, the paper's action-source ratio (share of selected answers from experts), the
+    share of expert tokens and of each expert's answers among the selected."""
     members = [c for g in groups for c in g.members]
-    expert_tokens = sum(sum(1 for o in c.origins if o > 0) for c in members)
-    tokens = sum(len(c.origins) for c in members)
-    return {
-        "groups/zero_variance": float(sum(g.zero_variance for g in groups)),
-        "groups/zero_variance_frac": sum(g.zero_variance for g in groups) / max(len(groups), 1),
-        "groups/action_source_ratio": sum(c.from_expert for c in members) / max(len(members), 1),
-        "groups/expert_token_frac": expert_tokens / max(tokens, 1),
-        "groups/size_mean": len(members) / max(len(groups), 1),
-    }
+    zero_variance = sum(g.zero_variance for g in groups)
+    stats.total("groups/zero_variance", zero_variance)
+    stats.ratio("groups/zero_variance_frac", zero_variance, len(groups))
+    stats.ratio("groups/action_source_ratio", sum(c.from_expert for c in members), len(members))
+    stats.ratio("groups/expert_token_frac", sum(sum(1 for o in c.origins if o > 0) for c in members),
+                sum(len(c.origins) for c in members))
+    stats.ratio("groups/size_mean", len(members), len(groups))
+    for source, name in enumerate(expert_names, start=1):
+        stats.ratio(f"groups/selected_share/{name}", sum(c.source == source for c in members), len(members))

@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -54,7 +54,7 @@ from ekipl.data import (  # noqa: E402
 )
 from ekipl.experts.pool import ExpertPool  # noqa: E402
 from ekipl.experts.prefix import guided_completion, prefixed_prompts  # noqa: E402
-from ekipl.groups import Candidate, Group, assemble_groups, group_metrics  # noqa: E402
+from ekipl.groups import Candidate, Group, assemble_groups, record_group_metrics  # noqa: E402
 from ekipl.learner import Learner, NonFiniteLossError, all_reduce_sum  # noqa: E402
 from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves  # noqa: E402
 from ekipl.packing import TrainSequence  # noqa: E402
@@ -63,6 +63,7 @@ from ekipl.rewards import RewardSet  # noqa: E402
 from ekipl.rollout.base import Prompt, SamplingParams  # noqa: E402
 from ekipl.run_folder import RunFolderError, RunLock, check_fresh_start  # noqa: E402
 from ekipl.sampler import PromptSampler  # noqa: E402
+from ekipl.step_stats import StepStats  # noqa: E402
 from ekipl.stop_request import StopRequest  # noqa: E402
 
 
@@ -248,17 +249,14 @@ class Trainer:
             sync = self.engine.update_weights(self.learner.named_weights())
         self.step_index += 1
         seconds = time.perf_counter() - start
+        stats = self.rollout_stats(batch)
         generated = sum(len(c.token_ids) for group in batch.policy for c in group)
-        trained = sum(s.num_tokens for s in batch.sequences)
+        stats.total("tokens_per_s", (generated + sum(s.num_tokens for s in batch.sequences)) / seconds)
         return {
-            **self.reward_metrics(batch.policy, batch.experts),
-            **group_metrics(batch.groups),
+            **stats.reduce(self.device),
             **update,
-            **self.experts.step_metrics(),
             **timer.as_metrics(),
             "sync/bytes": float(sync.bytes), "sync/buckets": float(sync.buckets), "sync/seconds": sync.seconds,
-            "response_length": generated / max(sum(len(g) for g in batch.policy), 1),
-            "tokens_per_s": (generated + trained) / seconds,
             "time/step": seconds,
             "memory/peak_gb": peak_memory_gb(self.device),
             "data/skipped_rows": float(self.skipped_rows + len(self._skipped_eval_ids)),
@@ -274,7 +272,8 @@ class Trainer:
         with timer.phase("rollout"):
             policy_answers = self.policy_rollout(prompts, self.plain_samples)
         with timer.phase("rewards"):
-            policy = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs) for c in group]
+            policy = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs, truncated=c.finish_reason == "length")
+                       for c in group]
                       for group, r in zip(policy_answers, records)]
         with timer.phase("experts"):
             if pending is None and self.experts.enabled:
@@ -326,30 +325,35 @@ class Trainer:
         guided = self.cfg.experts.prefix_samples if self.cfg.experts.prefix_ratio > 0 and self.experts.enabled else 0
         return self.cfg.rollout.n_policy - guided
 
-    def policy_rollout(self, prompts: Sequence[Prompt], n: int, tag: str = ""):
+    def policy_rollout(self, prompts: Sequence[Prompt], n: int, tag: str = "", sampling: Optional[SamplingParams] = None):
         seeds = [[sample_seed(self.cfg.run.seed, self.step_index, p.uid, tag, j) for j in range(n)] for p in prompts]
         with self.gathered_weights():
-            return self.engine.generate(prompts, n, self.sampling, seeds)
+            return self.engine.generate(prompts, n, sampling or self.sampling, seeds)
 
     def guided_rollout(self, prompts, answers, records):
         """LUFFY's prefix guidance: the policy continues the first part of expert answers (mixed origins)."""
         prefixed = prefixed_prompts(prompts, answers, prefix_ratio=self.cfg.experts.prefix_ratio,
-                                    samples_per_prompt=self.cfg.experts.prefix_samples)
+                                    samples_per_prompt=self.cfg.experts.prefix_samples,
+                                    max_new_tokens=self.cfg.rollout.max_new_tokens)
         if not prefixed:
             return []
-        continuations = self.policy_rollout([p.prompt for p in prefixed], 1, tag="guided")
+        # prefix + continuation stay within rollout.max_new_tokens: one call with the largest budget,
+        # and guided_completion cuts each continuation to its own
+        sampling = replace(self.sampling, max_new_tokens=max(p.continuation_budget for p in prefixed))
+        continuations = self.policy_rollout([p.prompt for p in prefixed], 1, tag="guided", sampling=sampling)
         guided = []
         for item, (continuation,) in zip(prefixed, continuations):
             joined = guided_completion(item, continuation)
             behavior = joined.behavior_logprobs or [float("nan")] * len(joined.prefix_ids) + joined.continuation_logprobs
             guided.append((item.prompt_index, self.score(joined.token_ids, records[item.prompt_index], source=0,
-                                                         behavior=behavior, origins=joined.origins)))
+                                                         behavior=behavior, origins=joined.origins,
+                                                         truncated=joined.continuation.finish_reason == "length")))
         return guided
 
-    def score(self, token_ids, record: Record, *, source: int, behavior=None, origins=None) -> Candidate:
+    def score(self, token_ids, record: Record, *, source: int, behavior=None, origins=None, truncated=False) -> Candidate:
         text = decode_completion(self.tokenizer, token_ids)
         parts = self.rewards.components(text, record.solution)
-        return Candidate(list(token_ids), source, sum(parts.values()), origins, behavior, parts)
+        return Candidate(list(token_ids), source, sum(parts.values()), origins, behavior, parts, truncated)
 
     def score_expert(self, answer, record: Record) -> Candidate:
         candidate = self.score(answer.token_ids, record, source=answer.expert_id, behavior=answer.logprobs, origins=answer.origins)
@@ -372,20 +376,35 @@ class Trainer:
             return deepspeed.zero.GatheredParameters(list(self.learner.model.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
-    def reward_metrics(self, policy: Sequence[Sequence[Candidate]], experts: Sequence[Sequence[Candidate]]) -> dict[str, float]:
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        own = [c for group in policy for c in group]
-        infused = [c for group in experts for c in group]
-        metrics = {
-            "reward/mean": mean([c.reward for c in own]),
-            "reward/expert_mean": mean([c.reward for c in infused]),
-            "reward/expert_answers": float(len(infused)),
-        }
+    def rollout_stats(self, batch: Experience) -> StepStats:
+        """Rewards, lengths, groups and experts of the step, over every rank (reduced by the caller).
+
+        The policy's own samples are reported apart from prefix-guided ones, which start from an
+        expert's prefix and would inflate ``reward/mean`` and ``response_length``.
+        """
+        stats = StepStats()
+        own = [c for group in batch.policy for c in group if not c.guided]
+        guided = [c for group in batch.policy for c in group if c.guided]
+        infused = [c for group in batch.experts for c in group]
+        stats.mean("reward/mean", [c.reward for c in own], std=True)
         for name in self.rewards.functions:
-            metrics[f"reward/{name}"] = mean([c.reward_parts[name] for c in own])
+            stats.mean(f"reward/{name}", [c.reward_parts[name] for c in own])
         if "format" in self.rewards.functions:
-            metrics["reward/format_rate"] = mean([float(c.reward_parts["format"] > 0) for c in own])
-        return metrics
+            stats.mean("reward/format_rate", [float(c.reward_parts["format"] > 0) for c in own])
+        stats.mean("response_length", [len(c.token_ids) for c in own])
+        stats.mean("rollout/truncated_frac", [float(c.truncated) for c in own])
+        stats.mean("reward/expert_mean", [c.reward for c in infused])
+        stats.total("reward/expert_answers", len(infused))
+        if self.cfg.experts.prefix_ratio > 0:
+            stats.mean("guided/reward_mean", [c.reward for c in guided])
+            stats.mean("guided/response_length", [len(c.token_ids) for c in guided])
+            stats.total("guided/samples", len(guided))
+        record_group_metrics(batch.groups, stats, [e.name for e in self.cfg.experts.experts])
+        for key, value in self.experts.step_metrics().items():
+            # the pool's counts add up over ranks; its latencies, rewards and fractions are per-rank means
+            per_rank_mean = key.endswith(("latency_s", "reward_mean", "_frac"))
+            (stats.rank_mean if per_rank_mean else stats.total)(key, value)
+        return stats
 
     # -- checkpoints, evaluation, export ----------------------------------------------------------------
     def client_state(self) -> dict:

@@ -6,9 +6,10 @@ import statistics
 import pytest
 import torch
 
-from ekipl.groups import Candidate, GroupConfig, advantages_of, assemble_groups, group_metrics, select_group
+from ekipl.groups import Candidate, GroupConfig, advantages_of, assemble_groups, record_group_metrics, select_group
 from ekipl.packing import TrainSequence, make_micro_batch
 from ekipl.rollout.base import Prompt
+from ekipl.step_stats import StepStats
 
 
 def cand(reward, source=0, n=3):
@@ -51,9 +52,12 @@ def test_policy_statistics_and_zero_variance_groups():
     adv = advantages_of(members, GroupConfig(advantage="mean", stats_from="policy"))
     assert adv == pytest.approx([0.5, -0.5, 1.5])
     groups = assemble_groups([[cand(1.0), cand(1.0)], members], GroupConfig(size=3), random.Random(0))
-    metrics = group_metrics(groups)
-    assert metrics["groups/zero_variance"] == 1.0
+    stats = StepStats()
+    record_group_metrics(groups, stats, expert_names=["gpt", "gemini"])
+    metrics = stats.reduce()
+    assert metrics["groups/zero_variance"] == 1.0 and metrics["groups/zero_variance_frac"] == 0.5
     assert metrics["groups/action_source_ratio"] == pytest.approx(1 / 5)
+    assert metrics["groups/selected_share/gpt"] == pytest.approx(1 / 5) and metrics["groups/selected_share/gemini"] == 0.0
     assert groups[0].advantages == [0.0, 0.0]
 
 
