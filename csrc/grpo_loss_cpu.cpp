@@ -108,6 +108,10 @@ struct TokenBatch {
                 ": is_expert must be a CPU tensor of shape [", n, "]; got ", is_expert_.sizes());
     is_expert = is_expert_.to(at::kBool).contiguous();
     TORCH_CHECK(p.kl_kind >= 1 && p.kl_kind <= 3, "ekipl::", op, ": kl_kind must be 1, 2 or 3; got ", p.kl_kind);
+    for (const double x : {p.eps_low, p.eps_high, p.dual_clip, p.beta, p.entropy_coef, p.shaping_gamma, p.is_cap,
+                           p.tis_cap, p.log_ratio_clamp, p.kl_clamp}) {
+      TORCH_CHECK(std::isfinite(x), "ekipl::", op, ": the loss scalars must be finite; got ", x);
+    }
     TORCH_CHECK(p.expert_mode >= kRatio && p.expert_mode <= kShaped, "ekipl::", op,
                 ": expert_mode must be 0 (ratio), 1 (is) or 2 (shaped); got ", p.expert_mode);
     TORCH_CHECK(p.beta <= 0.0 || ref_lp.has_value(), "ekipl::", op, ": ref_logprobs is required when beta > 0");
@@ -175,6 +179,13 @@ void process_rows(const T* x, T* grad, int64_t row0, int64_t rows, int64_t vocab
   });
 }
 
+// The chunk's hidden states h (tokens row0...) with the rows of masked tokens zeroed: their logit gradient
+// is zero, but 0 * NaN is NaN in the weight-gradient GEMM, and a masked row may hold anything.
+at::Tensor zero_masked_rows(const at::Tensor& h, const TokenBatch& tokens, int64_t row0) {
+  const at::Tensor keep = tokens.agg_weight.narrow(0, row0, h.size(0)).ne(0);
+  return keep.all().item<bool>() ? h : at::where(keep.unsqueeze(1), h, at::zeros({}, h.options()));
+}
+
 at::Tensor sum_in_order(const std::vector<double>& values) {
   double total = 0.0;
   for (double v : values) total += v;
@@ -236,10 +247,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
       }
     }
     if (grad_weight) {
+      const at::Tensor h_rows = zero_masked_rows(h, *tokens, start);
       if (start == 0) {
-        at::mm_out(d_weight_acc, logits.t(), h);
+        at::mm_out(d_weight_acc, logits.t(), h_rows);
       } else {
-        d_weight_acc.addmm_(logits.t(), h);
+        d_weight_acc.addmm_(logits.t(), h_rows);
       }
     }
   }
@@ -249,24 +261,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
   return {loss, logprobs, entropy, d_hidden, d_weight};
 }
 
-LossParams loss_params(double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind,
-                       double entropy_coef, int64_t expert_mode, double shaping_gamma, double tis_cap) {
-  return {eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_grpo_loss(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& advantages,
     const at::Tensor& agg_weight, const at::Tensor& is_expert, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
-    double entropy_coef, int64_t expert_mode, double shaping_gamma, double tis_cap, bool need_entropy,
-    bool grad_hidden, bool grad_weight) {
+    double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
+    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_hidden, bool grad_weight) {
   const char* op = "fused_linear_grpo_loss";
   check_float_input(op, "hidden", hidden, 2);
+  const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
+                          expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
   const TokenBatch tokens(op, hidden.size(0), advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
-                          behavior_logprobs,
-                          loss_params(eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode,
-                                      shaping_gamma, tis_cap));
+                          behavior_logprobs, params);
   return linear_pass(op, hidden, weight, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight);
 }
 
@@ -283,16 +290,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss(
     const at::Tensor& agg_weight, const at::Tensor& is_expert, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
-    double entropy_coef, int64_t expert_mode, double shaping_gamma, double tis_cap, bool need_entropy,
-    bool grad_logits) {
+    double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
+    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_logits) {
   const char* op = "grpo_loss";
   check_float_input(op, "logits", logits_in, 2);
   TORCH_CHECK(temperature > 0.0, "ekipl::", op, ": temperature must be > 0; got ", temperature);
   const int64_t n = logits_in.size(0), vocab = logits_in.size(1);
   const at::Tensor targets = checked_targets(op, targets_in, n, vocab);
+  const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
+                          expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
   const TokenBatch tokens(op, n, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
-                          loss_params(eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode,
-                                      shaping_gamma, tis_cap));
+                          params);
   const at::ScalarType dtype = logits_in.scalar_type();
   const at::ScalarType acc = accumulate_type(dtype);
   const at::Tensor logits = logits_in.contiguous();

@@ -3,6 +3,8 @@
 // A row is x[0:V] (unscaled logits); the scaled logits are z = x / tau. Everything is shifted by the
 // row max m = max z (started from -inf, so a row of very negative logits is still exact), u = z - m:
 //   s = sum exp(u),  q = sum exp(u) * u,  lse = m + log s,  H = log s - q / s   (q <= 0: no cancellation).
+// u is floored at kFloorU, where exp is exactly 0 in float and double: a -inf logit (an absent vocabulary
+// entry) then adds 0 to s and q and gets a zero gradient, instead of 0 * -inf = NaN.
 // The vocabulary tail that does not fill a SIMD vector is handled by scalar code, never padded.
 #pragma once
 
@@ -13,6 +15,8 @@
 #include <limits>
 
 namespace ekipl {
+
+constexpr double kFloorU = -1.0e4;
 
 struct RowSoftmax {
   double max_z;    // m
@@ -52,6 +56,7 @@ RowSoftmax row_softmax(const T* x, int64_t n, T inv_tau, bool want_entropy) {
   const T m = row_max(x, n) * inv_tau;
   const Vec scale(inv_tau);
   const Vec shift(m);
+  const Vec floor_u(static_cast<T>(kFloorU));
   double sum = 0.0;
   double weighted = 0.0;
   int64_t i = 0;
@@ -62,7 +67,7 @@ RowSoftmax row_softmax(const T* x, int64_t n, T inv_tau, bool want_entropy) {
     Vec block_weighted(T(0));
     if (want_entropy) {
       for (; i < block_end; i += kWidth) {
-        const Vec u = Vec::loadu(x + i) * scale - shift;
+        const Vec u = at::vec::maximum(Vec::loadu(x + i) * scale - shift, floor_u);
         const Vec e = u.exp_u20();
         block_sum = block_sum + e;
         block_weighted = at::vec::fmadd(e, u, block_weighted);
@@ -79,7 +84,7 @@ RowSoftmax row_softmax(const T* x, int64_t n, T inv_tau, bool want_entropy) {
     for (int64_t l = 0; l < kWidth; ++l) weighted += lanes[l];
   }
   for (; i < n; ++i) {
-    const T u = x[i] * inv_tau - m;
+    const T u = std::fmax(x[i] * inv_tau - m, static_cast<T>(kFloorU));
     const T e = std::exp(u);
     sum += e;
     weighted += double(e) * double(u);
@@ -104,16 +109,16 @@ void row_grad(const T* x, T* grad, int64_t n, T inv_tau, const RowSoftmax& r, in
   // -p * (c_lp + c_h * (u - q/s)) = -p * (base + c_h * u)
   const T base = T(c_lp - c_h * r.mean_u);
   const T ch = T(c_h);
-  const Vec scale(inv_tau), shift(m), vlog_sum(log_sum), vbase(base), vch(ch);
+  const Vec scale(inv_tau), shift(m), vlog_sum(log_sum), vbase(base), vch(ch), floor_u(static_cast<T>(kFloorU));
   int64_t i = 0;
   const int64_t vector_end = n - n % kWidth;
   for (; i < vector_end; i += kWidth) {
-    const Vec u = Vec::loadu(x + i) * scale - shift;
+    const Vec u = at::vec::maximum(Vec::loadu(x + i) * scale - shift, floor_u);
     const Vec p = (u - vlog_sum).exp_u20();
     (Vec(T(0)) - p * at::vec::fmadd(vch, u, vbase)).store(grad + i);
   }
   for (; i < n; ++i) {
-    const T u = x[i] * inv_tau - m;
+    const T u = std::fmax(x[i] * inv_tau - m, static_cast<T>(kFloorU));
     const T p = std::exp(u - log_sum);
     grad[i] = -p * (base + ch * u);
   }

@@ -6,7 +6,11 @@
 //     larger (clamp passes gradient at its bounds, ties are inside the range where both branches agree);
 //   * dual clip replaces the loss by the constant -c*A (zero gradient);
 //   * the TIS weight min(exp(old - beh), cap) multiplies policy tokens and is not differentiated;
-//   * old_logprobs = None means old = stop_grad(lp): ratio 1, d(ratio)/d(lp) = 1.
+//   * old_logprobs = None means old = stop_grad(lp): ratio 1, d(ratio)/d(lp) = 1;
+//   * expert tokens under "is": -w*A with w = exp(lp - beh), or min(that, is_cap), unclipped; the
+//     gradient is -w*A even where the cap is active (a truncated importance weight);
+//   * a clamp (of a log-ratio before exp, of k3) passes the gradient inside [-c, c], bounds included,
+//     and zero outside, as torch.clamp does.
 #pragma once
 
 #include <algorithm>
@@ -17,7 +21,7 @@ namespace ekipl {
 
 enum ExpertMode : int64_t { kRatio = 0, kImportance = 1, kShaped = 2 };
 
-// The LossConfig scalars of ops.config_scalars; dual_clip and tis_cap are 0 when off.
+// The LossConfig scalars of ops.config_scalars; dual_clip, the caps and the clamps are 0 when off.
 struct LossParams {
   double eps_low;
   double eps_high;
@@ -27,8 +31,23 @@ struct LossParams {
   double entropy_coef;
   int64_t expert_mode;
   double shaping_gamma;
+  double is_cap;
   double tis_cap;
+  double log_ratio_clamp;
+  double kl_clamp;
 };
+
+// x clamped to [-bound, bound] (bound 0: not clamped) and d clamp / dx.
+struct Clamped {
+  double value;
+  double slope;
+};
+
+inline Clamped clamp(double x, double bound) {
+  if (bound > 0.0 && x > bound) return {bound, 0.0};
+  if (bound > 0.0 && x < -bound) return {-bound, 0.0};
+  return {x, 1.0};
+}
 
 // One token's inputs; old/ref/beh are read only when has_old / the config needs them.
 struct TokenInput {
@@ -58,13 +77,19 @@ inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
     const double denom = prob + p.shaping_gamma;
     pg = -adv * prob / denom;
     d_pg = -adv * p.shaping_gamma * prob / (denom * denom);
+  } else if (t.expert && p.expert_mode == kImportance) {
+    const Clamped log_ratio = clamp(t.logprob - t.behavior_logprob, p.log_ratio_clamp);
+    const double ratio = std::exp(log_ratio.value);
+    const double w = p.is_cap > 0.0 ? std::min(ratio, p.is_cap) : ratio;
+    pg = -adv * w;
+    d_pg = -adv * w * log_ratio.slope;
   } else {
-    const double base = (t.expert && p.expert_mode == kImportance) ? t.behavior_logprob : old;
-    const double ratio = std::exp(t.logprob - base);
+    const Clamped log_ratio = clamp(t.logprob - old, p.log_ratio_clamp);
+    const double ratio = std::exp(log_ratio.value);
     const double unclipped = -ratio * adv;
     const double clipped = -std::min(std::max(ratio, 1.0 - p.eps_low), 1.0 + p.eps_high) * adv;
     pg = std::max(unclipped, clipped);
-    d_pg = clipped > unclipped ? 0.0 : -adv * ratio;
+    d_pg = clipped > unclipped ? 0.0 : -adv * ratio * log_ratio.slope;
     if (p.dual_clip > 0.0 && adv < 0.0 && -p.dual_clip * adv < pg) {
       pg = -p.dual_clip * adv;
       d_pg = 0.0;
@@ -89,9 +114,11 @@ inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
       kl = 0.5 * d * d;
       d_kl = -d;
     } else {
-      const double e = std::exp(d);
-      kl = e - d - 1.0;
-      d_kl = 1.0 - e;
+      const Clamped dc = clamp(d, p.log_ratio_clamp);
+      const double e = std::exp(dc.value);
+      const Clamped k3 = clamp(e - dc.value - 1.0, p.kl_clamp);
+      kl = k3.value;
+      d_kl = (1.0 - e) * dc.slope * k3.slope;
     }
     loss += p.beta * kl;
     d_logprob += p.beta * d_kl;

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from typing import Optional, Union
 
 import torch
@@ -11,7 +9,7 @@ import torch
 from . import reference
 from .backends import load_backend, resolve_backend
 from .config import LossConfig, LossOutput
-from .inputs import TokenInputs, check_logits_inputs, check_matrix_inputs, prepare_token_inputs
+from .inputs import check_logits_inputs, check_matrix_inputs, prepare_token_inputs
 
 Normalizer = Union[float, torch.Tensor, None]
 
@@ -36,16 +34,6 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         return None, None, None, scale(grad_a), scale(grad_b)
 
 
-def _statistics(logprobs, entropy, tok: TokenInputs, config: LossConfig) -> dict[str, float]:
-    with torch.no_grad():
-        _, diag = reference.token_losses(
-            logprobs, entropy, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
-            ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs,
-            config=dataclasses.replace(config, entropy_coef=0.0),
-        )
-    return reference.summarize(tok.mask, tok.is_expert, diag, entropy)
-
-
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -60,22 +48,26 @@ def fused_linear_grpo_loss(
     loss_mask: Optional[torch.Tensor] = None,
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
+    advantage_level: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> LossOutput:
     """GRPO loss over mixed-origin packed sequences, straight from hidden states and the LM head.
 
     ``hidden [N, H]`` and ``weight [V, H]`` share a dtype (fp32, bf16, fp16); ``targets [N]`` int64;
-    ``cu_seqlens [S+1]`` (0 ... N); ``advantages [S]`` or ``[N]``; ``origin [N]`` (0 policy, e > 0 expert
-    e); ``old/ref/behavior_logprobs [N]`` fp32; ``loss_mask [N]``; ``normalizer`` replaces the token
-    count of token-mean, the sequence count of the seq-mean modes (pass the global count so that
+    ``cu_seqlens [S+1]`` (0 ... N); ``advantages [S]`` or ``[N]``, read per sequence or per token by
+    ``advantage_level`` ("sequence" or "token"; None: by the shape, which raises when S == N and some
+    sequence is empty, the one case where the readings differ); ``origin [N]`` (0 policy, e > 0 expert e);
+    ``old/ref/behavior_logprobs [N]`` fp32; ``loss_mask [N]``: tokens where it is 0 add exactly nothing
+    to the loss and its gradients, whatever their inputs hold; ``normalizer`` (finite, > 0) replaces the
+    token count of token-mean, the sequence count of the seq-mean modes (pass the global count so that
     data-parallel ranks and micro-batches agree). The ``[N, V]`` logits are never materialised.
     """
     check_matrix_inputs(hidden, weight, targets)
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
-        config=config,
+        config=config, advantage_level=advantage_level,
     )
     if name == "reference":
         return reference.fused_linear_grpo_loss(hidden, weight, targets, **keywords)
@@ -87,7 +79,8 @@ def fused_linear_grpo_loss(
         grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad,
     )
     loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, result.grad_weight, hidden, weight)
-    return LossOutput(loss, result.logprobs, result.entropy, _statistics(result.logprobs, result.entropy, tok, config))
+    stats = reference.statistics(result.logprobs, result.entropy, tok, config)
+    return LossOutput(loss, result.logprobs, result.entropy, stats)
 
 
 def grpo_loss(
@@ -103,15 +96,16 @@ def grpo_loss(
     loss_mask: Optional[torch.Tensor] = None,
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
+    advantage_level: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> LossOutput:
     """The same loss for callers that already hold ``[N, V]`` logits (differentiable w.r.t. ``logits``)."""
     check_logits_inputs(logits, targets)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
-        config=config,
+        config=config, advantage_level=advantage_level,
     )
     if name == "reference":
         return reference.grpo_loss(logits, targets, **keywords)
@@ -122,7 +116,8 @@ def grpo_loss(
         grad_logits=torch.is_grad_enabled() and logits.requires_grad,
     )
     loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, None, logits, None)
-    return LossOutput(loss, result.logprobs, result.entropy, _statistics(result.logprobs, result.entropy, tok, config))
+    stats = reference.statistics(result.logprobs, result.entropy, tok, config)
+    return LossOutput(loss, result.logprobs, result.entropy, stats)
 
 
 def fused_linear_logprobs(
@@ -141,7 +136,7 @@ def fused_linear_logprobs(
     check_matrix_inputs(hidden, weight, targets)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
     if name == "reference":
         return reference.fused_linear_logprobs(
             hidden, weight, targets, temperature=temperature, return_entropy=return_entropy

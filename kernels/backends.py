@@ -1,8 +1,9 @@
 """Choosing the implementation behind the public functions.
 
-``backend=None`` picks by device: the C++ op on CPU, Triton on CUDA, the chunked torch path elsewhere
-(or where the preferred one is unavailable, with one warning). ``EKIPL_KERNEL_BACKEND`` overrides the
-default; an explicit ``backend=`` argument overrides both.
+``backend=None`` picks by device: the C++ op on CPU, Triton on CUDA (fp64 inputs, which Triton does not
+take, go to chunked), the chunked torch path elsewhere (or where the preferred one is unavailable,
+with one warning). ``EKIPL_KERNEL_BACKEND`` overrides the default; an explicit ``backend=`` argument
+overrides both.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def load_backend(name: str) -> ModuleType:
     return module
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend name to run for tensors on ``device``."""
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name to run for tensors of ``dtype`` on ``device``."""
     if backend is None:
         backend = os.environ.get("EKIPL_KERNEL_BACKEND") or None
     if backend is not None:
@@ -48,6 +49,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
             raise ValueError(f"{source} must be one of {BACKENDS}; got {backend!r}")
         return backend
     preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type, "chunked")
+    if preferred == "triton" and dtype == torch.float64:
+        return "chunked"
     if preferred == "chunked":
         return preferred
     try:

@@ -11,7 +11,7 @@ import torch
 from .backend_api import FusedResult
 from .config import LossConfig
 from .inputs import TokenInputs
-from .reference import token_losses
+from .reference import active_token_losses, logprobs_and_entropy
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (autograd keeps a few tensors of that size)
 
@@ -22,16 +22,11 @@ def _row_chunks(n: int, vocab: int):
     return (slice(start, min(start + step, n)) for start in range(0, n, step))
 
 
-def _chunk_loss(z: torch.Tensor, targets: torch.Tensor, tok: TokenInputs, rows: slice, config: LossConfig):
-    logp = torch.log_softmax(z / config.temperature, dim=-1)
-    lp = logp.gather(-1, targets[rows].long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    loss_t, _ = token_losses(
-        lp, entropy, advantages=tok.advantages[rows], is_expert=tok.is_expert[rows], old_logprobs=pick(tok.old_logprobs),
-        ref_logprobs=pick(tok.ref_logprobs), behavior_logprobs=pick(tok.behavior_logprobs), config=config,
-    )
-    return (loss_t * tok.agg_weight[rows]).sum(), lp, entropy
+def _chunk_loss(logits_of, targets: torch.Tensor, tok: TokenInputs, rows: slice, config: LossConfig):
+    """The weighted loss of the chunk's unmasked tokens, and every row's log-prob and entropy."""
+    chunk = tok.select(rows)
+    act = active_token_losses(logits_of, targets[rows], chunk, config)
+    return (act.loss * chunk.agg_weight[act.index]).sum(), act.logprobs, act.entropy
 
 
 def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight):
@@ -45,17 +40,18 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
     for rows in _row_chunks(n, weight.shape[0]):
         with torch.enable_grad():
             h = hidden[rows].detach().float().requires_grad_(grad_hidden)
-            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(h @ w32.T, targets, tok, rows, config)
+            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: h[i] @ w32.T, targets, tok, rows, config)
             wanted = [t for t, need in ((h, grad_hidden), (w32, grad_weight)) if need]
-            grads = list(torch.autograd.grad(chunk_loss, wanted)) if wanted else []
+            # A chunk without unmasked tokens does not depend on h: its gradient is zero (materialised).
+            grads = list(torch.autograd.grad(chunk_loss, wanted, materialize_grads=True)) if wanted else []
         if grad_hidden:
             d_hidden[rows] = grads.pop(0).to(hidden.dtype)
         if grad_weight:
             d_weight += grads.pop(0)
         loss += chunk_loss.detach()
-        lp[rows] = chunk_lp.detach()
+        lp[rows] = chunk_lp
         if need_entropy:
-            entropy[rows] = chunk_ent.detach()
+            entropy[rows] = chunk_ent
     return FusedResult(loss, lp, entropy, d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
 
 
@@ -68,13 +64,13 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     for rows in _row_chunks(n, logits.shape[1]):
         with torch.enable_grad():
             z = logits[rows].detach().float().requires_grad_(grad_logits)
-            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(z, targets, tok, rows, config)
+            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: z[i], targets, tok, rows, config)
             if grad_logits:
-                d_logits[rows] = torch.autograd.grad(chunk_loss, z)[0].to(logits.dtype)
+                d_logits[rows] = torch.autograd.grad(chunk_loss, z, materialize_grads=True)[0].to(logits.dtype)
         loss += chunk_loss.detach()
-        lp[rows] = chunk_lp.detach()
+        lp[rows] = chunk_lp
         if need_entropy:
-            entropy[rows] = chunk_ent.detach()
+            entropy[rows] = chunk_ent
     return FusedResult(loss, lp, entropy, d_logits, None)
 
 
@@ -85,8 +81,7 @@ def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy:
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     w32 = weight.float()
     for rows in _row_chunks(n, weight.shape[0]):
-        logp = torch.log_softmax(hidden[rows].float() @ w32.T / temperature, dim=-1)
-        lp[rows] = logp.gather(-1, targets[rows].long().unsqueeze(-1)).squeeze(-1)
+        lp[rows], chunk_entropy = logprobs_and_entropy(hidden[rows].float() @ w32.T, targets[rows], temperature)
         if return_entropy:
-            entropy[rows] = -(logp.exp() * logp).sum(-1)
+            entropy[rows] = chunk_entropy
     return lp, entropy

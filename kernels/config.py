@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, get_type_hints
 
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 EXPERT_MODES = ("ratio", "is", "shaped")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _is_finite_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -23,15 +29,34 @@ class LossConfig:
     kl: KL estimator of ``d = ref - lp``: "k1" (``-d``), "k2" (``d^2/2``), "k3" (``exp(d) - d - 1``).
     temperature: logits are divided by it before the softmax (match the sampler's temperature).
     entropy_coef: weight ``alpha`` of the entropy bonus (the loss subtracts ``alpha * H``).
-    expert_mode: how expert tokens (origin > 0) enter the surrogate: "ratio" (the paper: the same
-        clipped ratio to the old policy as policy tokens), "is" (ratio to the expert's own log-probs,
-        ``behavior_logprobs``), "shaped" (LUFFY: ``-A p / (p + shaping_gamma)``, no clip).
+    expert_mode: how expert tokens (origin > 0) enter the surrogate:
+        "ratio" (the paper's rule): the same clipped ratio to the old policy as policy tokens.
+        "is": the unbiased importance-sampled estimator of the paper's Appendix A, ``pg = -rho * A`` with
+            ``rho = exp(lp - behavior)`` (``behavior_logprobs``: the expert's own log-probs), not clipped
+            (no PPO clip, no dual clip), gradient ``-rho * A * dlp``. ``is_cap`` bounds its variance.
+        "shaped" (LUFFY): ``-A p / (p + shaping_gamma)``, ``p = exp(lp)``, no clip.
+        Policy tokens always take the clipped ratio.
     shaping_gamma: the gamma of "shaped".
+    is_cap: with expert_mode="is", the expert tokens' weight becomes ``min(rho, is_cap)``, a truncated
+        importance weight: the loss is ``-min(rho, is_cap) * A`` and its gradient
+        ``-min(rho, is_cap) * A * dlp``, so a capped token still pushes its log-prob up or down with weight
+        ``is_cap`` (a cap that stopped the gradient would drop exactly the tokens it bounds). None: no cap.
     tis_cap: truncated importance weight ``min(exp(old - behavior), tis_cap)`` on policy tokens, for the
         mismatch between rollout engine and trainer; needs ``behavior_logprobs``. None disables it.
+    log_ratio_clamp: the log-ratios that are exponentiated with a gradient (``lp - old``, ``lp - behavior``
+        of "is", and k3's ``d = ref - lp``) are clamped to ``[-c, c]`` first, and carry no gradient where the
+        clamp is active (``torch.clamp``), so that ``exp`` never overflows. 20 is verl's value. None: off.
+    kl_clamp: the k3 estimate is clamped to ``[-c, c]`` (no gradient where active), verl's 10 by default;
+        k1 and k2 have no exponential and are never clamped. None: off.
     agg: "token-mean" (mean over all unmasked tokens), "seq-mean-token-mean" (mean over sequences of each
         sequence's token mean), "seq-mean-token-sum-norm" (Dr. GRPO: token sum / (S * max_len)).
-    max_len: the constant L of "seq-mean-token-sum-norm".
+        Sequences without an unmasked token (empty completions) are not counted by "seq-mean-token-mean"
+        (TRL and Liger count every completion: pass ``normalizer=B`` to do the same); they are counted in
+        the S of "seq-mean-token-sum-norm". verl's mode of that name divides by ``max_len`` only, S times
+        ours: pass ``normalizer=1`` to reproduce it (docs/integrations.md).
+    max_len: the constant L of "seq-mean-token-sum-norm", an int.
+
+    Every float must be finite; the clamps and caps are None (off) or > 0.
     """
 
     eps_low: float = 0.2
@@ -43,7 +68,10 @@ class LossConfig:
     entropy_coef: float = 0.0
     expert_mode: str = "ratio"
     shaping_gamma: float = 0.1
+    is_cap: Optional[float] = None
     tis_cap: Optional[float] = None
+    log_ratio_clamp: Optional[float] = 20.0
+    kl_clamp: Optional[float] = 10.0
     agg: str = "token-mean"
     max_len: Optional[int] = None
 
@@ -51,6 +79,10 @@ class LossConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"LossConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 
+        for name, optional in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if not (_is_finite_real(value) or optional and value is None):
+                raise bad(name, "expected a finite number" + (" or None" if optional else ""))
         if not 0.0 <= self.eps_low < 1.0:
             raise bad("eps_low", "expected 0 <= eps_low < 1")
         if not self.eps_high >= 0.0:
@@ -67,14 +99,18 @@ class LossConfig:
             raise bad("expert_mode", f"expected one of {EXPERT_MODES}")
         if not self.shaping_gamma > 0.0:
             raise bad("shaping_gamma", "expected shaping_gamma > 0")
-        if self.tis_cap is not None and not self.tis_cap > 0.0:
-            raise bad("tis_cap", "expected None or a value > 0")
+        for name in ("is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0.0:
+                raise bad(name, "expected None or a value > 0")
+        if self.is_cap is not None and self.expert_mode != "is":
+            raise bad("is_cap", f"it caps the ratio of expert_mode='is'; expert_mode is {self.expert_mode!r}")
         if self.agg not in AGGREGATIONS:
             raise bad("agg", f"expected one of {AGGREGATIONS}")
-        if self.agg == "seq-mean-token-sum-norm" and (self.max_len is None or self.max_len <= 0):
-            raise bad("max_len", "agg='seq-mean-token-sum-norm' needs max_len, a positive int (the L of Dr. GRPO)")
-        if self.max_len is not None and self.max_len <= 0:
+        integral = isinstance(self.max_len, numbers.Integral) and not isinstance(self.max_len, bool)
+        if self.max_len is not None and not (integral and self.max_len > 0):
             raise bad("max_len", "expected None or a positive int")
+        if self.agg == "seq-mean-token-sum-norm" and self.max_len is None:
+            raise bad("max_len", "agg='seq-mean-token-sum-norm' needs max_len, a positive int (the L of Dr. GRPO)")
 
     @property
     def needs_ref(self) -> bool:
@@ -83,6 +119,14 @@ class LossConfig:
     @property
     def needs_behavior(self) -> bool:
         return self.expert_mode == "is" or self.tis_cap is not None
+
+
+# name -> whether None is allowed, for every float knob (all of them must be finite).
+_FLOAT_FIELDS = {
+    name: hint == Optional[float]
+    for name, hint in get_type_hints(LossConfig).items()
+    if hint in (float, Optional[float])
+}
 
 
 @dataclass

@@ -7,7 +7,8 @@ Doing this once, in torch, keeps the aggregation rules in one place and the kern
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .config import LossConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ADVANTAGE_LEVELS = ("sequence", "token")
 
 
 @dataclass
@@ -28,6 +30,11 @@ class TokenInputs:
     old_logprobs: Optional[torch.Tensor]  # fp32; None = ratio 1 (old = stop_grad(lp))
     ref_logprobs: Optional[torch.Tensor]  # fp32
     behavior_logprobs: Optional[torch.Tensor]  # fp32
+
+    def select(self, index: Union[slice, torch.Tensor]) -> "TokenInputs":
+        """The inputs of the tokens ``index`` (a slice or an index tensor)."""
+        return TokenInputs(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                              for f in fields(self)})
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -105,6 +112,7 @@ def prepare_token_inputs(
     loss_mask: Optional[torch.Tensor],
     normalizer: Union[float, torch.Tensor, None],
     config: LossConfig,
+    advantage_level: Optional[str] = None,
 ) -> TokenInputs:
     """Validates the keyword inputs and reduces them to per-token vectors (see :class:`TokenInputs`)."""
     if not isinstance(config, LossConfig):
@@ -125,16 +133,7 @@ def prepare_token_inputs(
     num_seqs = lengths.numel()
     seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=n)
 
-    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or advantages.shape[0] not in (num_seqs, n):
-        raise ValueError(
-            f"advantages must have shape [S]=[{num_seqs}] (per sequence) or [N]=[{n}] (per token); "
-            f"got {_describe(advantages)}"
-        )
-    if advantages.device != device:
-        raise ValueError(f"advantages is on {advantages.device}; expected {device}")
-    adv = advantages.detach().float()
-    if adv.shape[0] != n:  # per sequence (when S == N both readings agree)
-        adv = adv[seq_index]
+    adv = _advantages_per_token(advantages, advantage_level, lengths, seq_index, n, device)
 
     if origin is None:
         is_expert = torch.zeros(n, dtype=torch.bool, device=device)
@@ -143,6 +142,8 @@ def prepare_token_inputs(
             raise ValueError(f"origin must be an integer tensor of shape [{n}] (0 policy, e>0 expert e); got {_describe(origin)}")
         if origin.device != device:
             raise ValueError(f"origin is on {origin.device}; expected {device}")
+        if n and not torch.compiler.is_compiling() and int(origin.min()) < 0:
+            raise ValueError(f"origin must be >= 0 (0 policy, e>0 expert e); got {int(origin.min())}")
         is_expert = origin > 0
 
     if loss_mask is None:
@@ -167,6 +168,46 @@ def prepare_token_inputs(
     return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh)
 
 
+def _advantages_per_token(
+    advantages: torch.Tensor,
+    level: Optional[str],
+    lengths: torch.Tensor,
+    seq_index: torch.Tensor,
+    n: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``advantages`` ``[S]`` (per sequence) or ``[N]`` (per token) as fp32 ``[N]``.
+
+    Without ``level`` the shape decides; when S == N both shapes match, and the readings agree only if
+    every sequence holds one token (otherwise some sequence is empty): then the caller must say which.
+    """
+    num_seqs = lengths.numel()
+    if level is not None and level not in ADVANTAGE_LEVELS:
+        raise ValueError(f"advantage_level must be 'sequence', 'token' or None (from the shape); got {level!r}")
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or (
+        level is None and advantages.shape[0] not in (num_seqs, n)
+    ):
+        raise ValueError(
+            f"advantages must have shape [S]=[{num_seqs}] (per sequence) or [N]=[{n}] (per token); "
+            f"got {_describe(advantages)}"
+        )
+    if level is not None and advantages.shape[0] != (num_seqs if level == "sequence" else n):
+        name, size = ("S", num_seqs) if level == "sequence" else ("N", n)
+        raise ValueError(
+            f"advantages must have shape [{name}]=[{size}] with advantage_level={level!r}; got {_shape(advantages)}"
+        )
+    if level is None and num_seqs == n and not torch.compiler.is_compiling() and bool((lengths != 1).any()):
+        raise ValueError(
+            f"advantages [{n}] is ambiguous: S = N = {n} but some sequences are empty, so per-sequence and "
+            "per-token readings differ; pass advantage_level='sequence' or 'token'"
+        )
+    if advantages.device != device:
+        raise ValueError(f"advantages is on {advantages.device}; expected {device}")
+    adv = advantages.detach().float()
+    per_sequence = level == "sequence" or (level is None and adv.shape[0] != n)
+    return adv[seq_index] if per_sequence else adv
+
+
 def _aggregation_scale(
     mask: torch.Tensor,
     seq_index: torch.Tensor,
@@ -181,6 +222,9 @@ def _aggregation_scale(
         norm = torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device)
         if norm.dim() != 0:
             raise ValueError(f"normalizer must be a float or a 0-dim tensor; got shape {tuple(norm.shape)}")
+        if not torch.compiler.is_compiling() and not (math.isfinite(float(norm)) and float(norm) > 0):
+            shown = float(norm) if isinstance(normalizer, torch.Tensor) else normalizer
+            raise ValueError(f"normalizer must be a finite number > 0 (a token or sequence count); got {shown!r}")
     if config.agg == "token-mean":
         denom = mask.sum() if norm is None else norm
         return _safe_inverse(denom).expand_as(mask)

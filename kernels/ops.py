@@ -5,8 +5,9 @@ One schema per op, defined here once; the C++ library registers its CPU implemen
 device and ``torch.compile`` sees an opaque op with a known output shape (the fake implementations).
 
 The loss ops take the per-token vectors of :class:`~ekipl_kernels.inputs.TokenInputs` and the config as
-scalars (:func:`config_scalars`): ``dual_clip = 0`` and ``tis_cap = 0`` mean off, ``kl_kind`` is 1/2/3
-for k1/k2/k3, ``expert_mode`` is 0 ratio, 1 is, 2 shaped. Outputs that were not asked for are empty.
+scalars (:func:`config_scalars`): ``dual_clip``, ``is_cap``, ``tis_cap``, ``log_ratio_clamp`` and
+``kl_clamp`` are 0 when off, ``kl_kind`` is 1/2/3 for k1/k2/k3, ``expert_mode`` is 0 ratio, 1 is,
+2 shaped. Outputs that were not asked for are empty.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .config import EXPERT_MODES, LossConfig
 _TOKEN_ARGS = (
     "Tensor advantages, Tensor agg_weight, Tensor is_expert, Tensor? old_logprobs, Tensor? ref_logprobs, "
     "Tensor? behavior_logprobs, float eps_low, float eps_high, float dual_clip, float beta, int kl_kind, "
-    "float temperature, float entropy_coef, int expert_mode, float shaping_gamma, float tis_cap, bool need_entropy"
+    "float temperature, float entropy_coef, int expert_mode, float shaping_gamma, float is_cap, float tis_cap, "
+    "float log_ratio_clamp, float kl_clamp, bool need_entropy"
 )
 
 LIB = torch.library.Library("ekipl", "DEF")
@@ -48,7 +50,10 @@ def config_scalars(config: LossConfig) -> dict:
         entropy_coef=config.entropy_coef,
         expert_mode=EXPERT_MODES.index(config.expert_mode),
         shaping_gamma=config.shaping_gamma,
+        is_cap=config.is_cap or 0.0,
         tis_cap=config.tis_cap or 0.0,
+        log_ratio_clamp=config.log_ratio_clamp or 0.0,
+        kl_clamp=config.kl_clamp or 0.0,
     )
 
 
@@ -58,8 +63,8 @@ def _vector(like: torch.Tensor, n: int, wanted: bool) -> torch.Tensor:
 
 @torch.library.register_fake("ekipl::fused_linear_grpo_loss")
 def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
-      eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, tis_cap,
-      need_entropy, grad_hidden, grad_weight):
+      eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap,
+      tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_hidden, grad_weight):
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -72,8 +77,8 @@ def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, 
 
 @torch.library.register_fake("ekipl::grpo_loss")
 def _(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-      eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, tis_cap,
-      need_entropy, grad_logits):
+      eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
+      log_ratio_clamp, kl_clamp, need_entropy, grad_logits):
     n = logits.shape[0]
     return (
         logits.new_empty((), dtype=torch.float32),

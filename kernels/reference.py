@@ -6,12 +6,17 @@ line; gradients come from autograd. Keep it obviously correct rather than fast.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Union
 
 import torch
 
 from .config import LossConfig, LossOutput
-from .inputs import check_logits_inputs, check_matrix_inputs, prepare_token_inputs
+from .inputs import TokenInputs, check_logits_inputs, check_matrix_inputs, prepare_token_inputs
+
+
+def _clamp(x: torch.Tensor, bound: Optional[float]) -> torch.Tensor:
+    return x if bound is None else torch.clamp(x, -bound, bound)
 
 
 def token_losses(
@@ -28,16 +33,20 @@ def token_losses(
     """Per-token loss ``l_t = pg_t + beta * kl_t - alpha * H_t`` (differentiable in logprobs, entropy).
 
     All inputs are ``[N]``; ``advantages`` per token. Returns the loss and per-token diagnostics
-    (``ratio``, ``clipped`` (bool), ``kl``) used for the statistics.
+    (``ratio``, ``clipped`` (bool), ``ppo`` (bool: the token takes the clipped surrogate), ``kl``) used
+    for the statistics.
     """
     lp = logprobs
     adv = advantages.to(lp.dtype)
     old = lp.detach() if old_logprobs is None else old_logprobs.to(lp.dtype)
+    beh = None if behavior_logprobs is None else behavior_logprobs.to(lp.dtype)
 
-    ratio_base = old
-    if config.expert_mode == "is":
-        ratio_base = torch.where(is_expert, behavior_logprobs.to(lp.dtype), old)
-    ratio = torch.exp(lp - ratio_base)
+    # One ratio per token, to the expert's log-probs where "is" applies: no branch exponentiates a
+    # log-ratio that its token does not use (an overflow there would poison the gradient of the other).
+    importance = is_expert & (config.expert_mode == "is")
+    base = torch.where(importance, beh, old) if config.expert_mode == "is" else old
+    log_ratio = _clamp(lp - base, config.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
     unclipped = -ratio * adv
     clipped = -torch.clamp(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high) * adv
     pg = torch.maximum(unclipped, clipped)
@@ -48,14 +57,20 @@ def token_losses(
         pg = torch.where(dual, cap, pg)
         was_clipped = was_clipped | dual
     if config.tis_cap is not None:
-        tis = torch.clamp(torch.exp(old - behavior_logprobs.to(lp.dtype)), max=config.tis_cap).detach()
+        tis = torch.clamp(torch.exp(old - beh), max=config.tis_cap).detach()
         pg = torch.where(is_expert, pg, pg * tis)
 
+    if config.expert_mode == "is":
+        if config.is_cap is None:
+            is_pg = -adv * ratio
+        else:  # value -min(rho, cap) A, gradient -min(rho, cap) A dlp: a truncated importance weight
+            is_pg = -adv * torch.clamp(ratio, max=config.is_cap).detach() * torch.exp(log_ratio - log_ratio.detach())
+        pg = torch.where(importance, is_pg, pg)
     if config.expert_mode == "shaped":
         prob = torch.exp(lp)
         shaped = -adv * prob / (prob + config.shaping_gamma)
         pg = torch.where(is_expert, shaped, pg)
-        was_clipped = was_clipped & ~is_expert
+    ppo = ~is_expert if config.expert_mode in ("is", "shaped") else torch.ones_like(is_expert)
 
     loss = pg
     kl = None
@@ -66,11 +81,12 @@ def token_losses(
         elif config.kl == "k2":
             kl = 0.5 * d * d
         else:
-            kl = torch.exp(d) - d - 1.0
+            d = _clamp(d, config.log_ratio_clamp)
+            kl = _clamp(torch.exp(d) - d - 1.0, config.kl_clamp)
         loss = loss + config.beta * kl
     if config.entropy_coef != 0:
         loss = loss - config.entropy_coef * entropy
-    diagnostics = {"ratio": ratio.detach(), "clipped": was_clipped, "is_ratio": ~(is_expert & (config.expert_mode == "shaped"))}
+    diagnostics = {"ratio": ratio.detach(), "clipped": was_clipped & ppo, "ppo": ppo}
     if kl is not None:
         diagnostics["kl"] = kl.detach()
     return loss, diagnostics
@@ -104,55 +120,86 @@ def aggregate(
 
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """fp64 log-probs of ``targets`` and entropies of ``softmax(logits / temperature)``."""
-    z = logits.double() / temperature
-    logp = torch.log_softmax(z, dim=-1)
+    """Log-probs of ``targets`` and entropies of ``softmax(logits / temperature)``, in the dtype of ``logits``.
+
+    A -inf logit is an absent vocabulary entry: it adds nothing to the entropy and gets no gradient.
+    """
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
     return lp, entropy
 
 
-def grpo_loss(
-    logits: torch.Tensor,
+@dataclass
+class ActiveTokens:
+    """What :func:`active_token_losses` returns."""
+
+    index: torch.Tensor  # [A] positions of the unmasked tokens
+    loss: torch.Tensor  # [A] their l_t, differentiable through their logits
+    diagnostics: dict[str, torch.Tensor]  # [A] each (see token_losses)
+    logprobs: torch.Tensor  # [N] every token's, detached
+    entropy: torch.Tensor  # [N] every token's, detached
+
+
+def active_token_losses(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor, tok: TokenInputs, config: LossConfig
+) -> ActiveTokens:
+    """Per-token losses of the unmasked tokens (``mask != 0``), log-probs and entropies of all tokens.
+
+    ``logits_of(index)`` returns the logits of the rows ``index``. Masked rows are computed apart, without
+    gradient, so whatever they or their per-token inputs hold (NaN, inf) reaches neither loss nor gradient.
+    """
+    on = (tok.mask != 0).nonzero().squeeze(1)
+    off = (tok.mask == 0).nonzero().squeeze(1)
+    lp_on, entropy_on = logprobs_and_entropy(logits_of(on), targets[on], config.temperature)
+    with torch.no_grad():
+        lp_off, entropy_off = logprobs_and_entropy(logits_of(off), targets[off], config.temperature)
+    active = tok.select(on)
+    loss, diagnostics = token_losses(
+        lp_on, entropy_on, advantages=active.advantages, is_expert=active.is_expert, old_logprobs=active.old_logprobs,
+        ref_logprobs=active.ref_logprobs, behavior_logprobs=active.behavior_logprobs, config=config,
+    )
+    every = lambda a, b: a.new_empty(tok.mask.shape).index_copy_(0, on, a.detach()).index_copy_(0, off, b)  # noqa: E731
+    return ActiveTokens(on, loss, diagnostics, every(lp_on, lp_off), every(entropy_on, entropy_off))
+
+
+def _loss(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    device: torch.device,
     targets: torch.Tensor,
     *,
-    advantages: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    origin: Optional[torch.Tensor] = None,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    behavior_logprobs: Optional[torch.Tensor] = None,
-    loss_mask: Optional[torch.Tensor] = None,
     normalizer: Union[float, torch.Tensor, None] = None,
     config: LossConfig = LossConfig(),
+    **keywords,
 ) -> LossOutput:
-    """The GRPO loss over materialised logits ``[N, V]``, in fp64."""
-    check_logits_inputs(logits, targets)
-    n = logits.shape[0]
-    tok = prepare_token_inputs(
-        n, logits.device, advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
-        config=config,
-    )
-    lp, entropy = logprobs_and_entropy(logits, targets, config.temperature)
-    loss_t, diag = token_losses(
-        lp, entropy, advantages=tok.advantages.double(), is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
-        ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs, config=config,
-    )
+    tok = prepare_token_inputs(n, device, cu_seqlens=cu_seqlens, normalizer=normalizer, config=config, **keywords)
+    act = active_token_losses(logits_of, targets, tok, config)
+    loss_t = act.loss.new_zeros(n).index_add(0, act.index, act.loss)  # masked tokens: exactly 0
     loss = aggregate(loss_t, tok.mask, cu_seqlens, normalizer, config)
     keep_entropy = config.entropy_coef != 0
     return LossOutput(
         loss=loss.float(),
-        logprobs=lp.detach().float(),
-        entropy=entropy.detach().float() if keep_entropy else None,
-        stats=summarize(tok.mask, tok.is_expert, diag, entropy.detach() if keep_entropy else None),
+        logprobs=act.logprobs.float(),
+        entropy=act.entropy.float() if keep_entropy else None,
+        stats=summarize(tok.mask[act.index], tok.is_expert[act.index], act.diagnostics,
+                        act.entropy[act.index] if keep_entropy else None),
     )
 
 
-def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **kwargs) -> LossOutput:
+def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, **keywords) -> LossOutput:
+    """The GRPO loss over materialised logits ``[N, V]``, in fp64; the keywords of ``ekipl_kernels.grpo_loss``."""
+    check_logits_inputs(logits, targets)
+    return _loss(lambda rows: logits[rows].double(), logits.shape[0], logits.device, targets, **keywords)
+
+
+def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **keywords) -> LossOutput:
     """The GRPO loss of ``logits = hidden @ weight.T``, materialised in fp64; same keywords as :func:`grpo_loss`."""
     check_matrix_inputs(hidden, weight, targets)
-    return grpo_loss(hidden.double() @ weight.double().T, targets, **kwargs)
+    return _loss(lambda rows: hidden[rows].double() @ weight.double().T, hidden.shape[0], hidden.device, targets,
+                 **keywords)
 
 
 def fused_linear_logprobs(
@@ -165,10 +212,25 @@ def fused_linear_logprobs(
     return (lp.float(), entropy.float()) if return_entropy else lp.float()
 
 
+def statistics(
+    logprobs: torch.Tensor, entropy: Optional[torch.Tensor], tok: TokenInputs, config: LossConfig
+) -> dict[str, float]:
+    """The batch statistics of a fast backend's per-token log-probs (and entropies)."""
+    on = (tok.mask != 0).nonzero().squeeze(1)
+    active = tok.select(on)
+    with torch.no_grad():
+        _, diagnostics = token_losses(
+            logprobs[on], None, advantages=active.advantages, is_expert=active.is_expert,
+            old_logprobs=active.old_logprobs, ref_logprobs=active.ref_logprobs,
+            behavior_logprobs=active.behavior_logprobs, config=replace(config, entropy_coef=0.0),
+        )
+    return summarize(active.mask, active.is_expert, diagnostics, None if entropy is None else entropy[on])
+
+
 def summarize(
     mask: torch.Tensor, is_expert: torch.Tensor, diag: dict[str, torch.Tensor], entropy: Optional[torch.Tensor]
 ) -> dict[str, float]:
-    """Masked means of the per-token diagnostics, as plain floats."""
+    """Masked means of the per-token diagnostics, as plain floats; PPO statistics over the PPO tokens."""
     mask = mask.double()
     active = mask > 0
 
@@ -176,10 +238,10 @@ def summarize(
         total = m.sum()
         return float((x.double() * m).sum() / total) if float(total) > 0 else 0.0
 
-    ratio_mask = mask * diag["is_ratio"].double()
+    ppo_mask = mask * diag["ppo"].double()
     stats = {
-        "clip_frac": masked_mean(diag["clipped"].double(), ratio_mask),
-        "ratio_mean": masked_mean(diag["ratio"], ratio_mask),
+        "clip_frac": masked_mean(diag["clipped"].double(), ppo_mask),
+        "ratio_mean": masked_mean(diag["ratio"], ppo_mask),
         "tokens_policy": float((active & ~is_expert).sum()),
         "tokens_expert": float((active & is_expert).sum()),
     }

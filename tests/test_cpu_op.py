@@ -13,7 +13,7 @@ from typing import Optional
 import pytest
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss, reference
+from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss, ops, reference
 from ekipl_kernels.backends import BackendUnavailable
 from ekipl_kernels.op_builder import build_op, load_cpu_op
 
@@ -132,6 +132,9 @@ def compare_with_reference(batch: Batch, config: LossConfig, backend: str, **ext
 CONFIGS = {
     "ratio-k3": (LossConfig(beta=0.04, kl="k3"), {}),
     "is-tis-k2": (LossConfig(expert_mode="is", tis_cap=1.5, beta=0.1, kl="k2", eps_high=0.28), {}),
+    # Clamps and cap active on many tokens (log-ratios spread ~0.3-0.5): their zero gradients are exact.
+    "is-cap-tight-clamps": (LossConfig(expert_mode="is", is_cap=1.2, beta=0.1, kl="k3", log_ratio_clamp=0.4,
+                                       kl_clamp=0.03, dual_clip=2.0), {}),
     "shaped-entropy-k1-temp": (LossConfig(expert_mode="shaped", entropy_coef=0.01, beta=0.05, kl="k1",
                                           temperature=0.7), {}),
     "dual-clip-seq-mean": (LossConfig(dual_clip=3.0, agg="seq-mean-token-mean", temperature=1.3,
@@ -203,6 +206,75 @@ def test_all_masked_gives_zero_loss_and_zero_gradients(backend):
         assert float(out.loss.detach()) == 0.0
         assert bool(torch.isfinite(out.logprobs).all())
         assert not d_hidden.any() and not d_weight.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+def test_huge_log_ratios_stay_finite_and_match_the_reference(kl, backend):
+    """Old, reference and behaviour log-probs 60 nats away: without the clamps exp() would overflow."""
+    batch = make_batch([7, 1, 12, 20], vocab=500, width=16, dtype=torch.float32, seed=11)
+    far = torch.tensor([60.0, -60.0, 0.0]).repeat(14)[: batch.hidden.shape[0]]
+    batch = replace(batch, old_logprobs=batch.old_logprobs + far, ref_logprobs=batch.ref_logprobs - far,
+                    behavior_logprobs=batch.behavior_logprobs + far.roll(1))
+    for config in (LossConfig(expert_mode="is", beta=0.1, kl=kl, dual_clip=3.0),
+                   LossConfig(expert_mode="is", is_cap=5.0, beta=0.1, kl=kl, tis_cap=2.0, agg="seq-mean-token-mean")):
+        compare_with_reference(batch, config, backend)
+
+
+def garbage_on_masked_tokens(batch: Batch) -> Batch:
+    """NaN and inf in every per-token input and hidden row of the masked tokens."""
+    masked = ~batch.loss_mask.bool()
+    poison = lambda t, value=float("nan"): t.masked_fill(masked, value)  # noqa: E731
+    hidden = batch.hidden.clone()
+    rows = masked.nonzero().squeeze(1)
+    hidden[rows[0::2]] = float("nan")
+    hidden[rows[1::2]] = float("inf")
+    return replace(batch, hidden=hidden, advantages=poison(batch.advantages), old_logprobs=poison(batch.old_logprobs),
+                   ref_logprobs=poison(batch.ref_logprobs, float("inf")),
+                   behavior_logprobs=poison(batch.behavior_logprobs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_tokens_reach_neither_loss_nor_gradient_whatever_they_hold(backend):
+    clean = make_batch([7, 1, 12, 20], vocab=300, width=16, dtype=torch.float32, seed=12, per_token_adv=True)
+    batch = garbage_on_masked_tokens(clean)
+    config = LossConfig(expert_mode="is", beta=0.1, entropy_coef=0.01, tis_cap=2.0, agg="seq-mean-token-mean")
+    out, d_hidden, d_weight = run_loss(batch, config, backend)
+    ref, ref_hidden, ref_weight = run_loss(clean, config, "reference")
+    masked = ~batch.loss_mask.bool()
+    assert_close(out.loss, ref.loss, 1e-4, "loss")
+    assert_close(d_weight, ref_weight, 1e-4, "grad weight")
+    assert_close(d_hidden, ref_hidden, 1e-4, "grad hidden")
+    assert not d_hidden[masked].any()
+    assert_close(out.logprobs[~masked], ref.logprobs[~masked], 1e-4, "logprobs")
+    assert out.stats == pytest.approx(ref.stats, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_grpo_loss_with_masked_garbage_rows_and_minus_inf_vocabulary(entropy_coef, backend):
+    batch = make_batch([5, 1, 9], vocab=203, width=8, dtype=torch.float32, seed=13, per_token_adv=True)
+    logits = batch.hidden @ batch.weight.T * 3
+    absent = torch.rand(logits.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    absent[torch.arange(len(batch.targets)), batch.targets] = False  # a masked vocabulary never hides the target
+    logits = logits.masked_fill(absent, float("-inf"))
+    masked = ~batch.loss_mask.bool()
+    logits[masked] = float("nan")
+    config = LossConfig(beta=0.04, entropy_coef=entropy_coef, expert_mode="is", temperature=0.9)
+    keywords = garbage_on_masked_tokens(batch).keywords()
+    results = []
+    for name, x in ((backend, logits), ("reference", logits.double())):
+        x = x.detach().requires_grad_()
+        out = grpo_loss(x, batch.targets, **keywords, config=config, backend=name)
+        out.loss.backward()
+        results.append((out, x.grad))
+    (out, grad), (ref, ref_grad) = results
+    assert_close(out.loss, ref.loss, 1e-4, "loss")
+    assert_close(grad, ref_grad, 1e-4, "grad logits")
+    assert not grad[masked].any() and not grad[absent].any()
+    assert_close(out.logprobs[~masked], ref.logprobs[~masked], 1e-4, "logprobs")
+    if entropy_coef:
+        assert_close(out.entropy[~masked], ref.entropy[~masked], 1e-4, "entropy")
 
 
 # ----------------------------------------------------------------------------- the other two ops
@@ -284,11 +356,14 @@ def test_op_rejects_bad_inputs_with_clear_messages():
         logprobs(batch.hidden.int(), batch.weight.int(), batch.targets, 1.0, False)
     with pytest.raises(RuntimeError, match=r"targets\[2\] = 50 is outside \[0, 50\)"):
         logprobs(batch.hidden, batch.weight, torch.tensor([0, 1, 50, 3]), 1.0, False)
+    loss_op = torch.ops.ekipl.fused_linear_grpo_loss
+    tokens = (torch.ones(4), torch.ones(4), torch.zeros(4, dtype=torch.bool), None, None, None)
+    flags = dict(need_entropy=False, grad_hidden=True, grad_weight=True)
     with pytest.raises(RuntimeError, match="ref_logprobs is required when beta > 0"):
-        torch.ops.ekipl.fused_linear_grpo_loss(
-            batch.hidden, batch.weight, batch.targets, torch.ones(4), torch.ones(4), torch.zeros(4, dtype=torch.bool),
-            None, None, None, 0.2, 0.2, 0.0, 0.1, 3, 1.0, 0.0, 0, 0.1, 0.0, False, True, True,
-        )
+        loss_op(batch.hidden, batch.weight, batch.targets, *tokens, **ops.config_scalars(LossConfig(beta=0.1)), **flags)
+    with pytest.raises(RuntimeError, match="the loss scalars must be finite; got nan"):
+        loss_op(batch.hidden, batch.weight, batch.targets, *tokens,
+                **{**ops.config_scalars(LossConfig()), "kl_clamp": float("nan")}, **flags)
 
 
 def test_failed_build_quotes_the_compiler(tmp_path, monkeypatch):

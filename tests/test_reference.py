@@ -7,6 +7,7 @@ floats; they never call ``token_losses`` or ``aggregate``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import pytest
@@ -31,14 +32,20 @@ def hand_softmax(row: list[float], target: int, temperature: float) -> tuple[flo
     return z[target] - lse, -sum(p * (v - lse) for p, v in zip(probs, z))
 
 
+def clamp(x: float, bound: Optional[float]) -> float:
+    return x if bound is None else min(max(x, -bound), bound)
+
+
 def hand_token_loss(cfg: LossConfig, lp, entropy, adv, expert, old, ref, beh) -> float:
     old_value = lp if old is None else old
     if expert and cfg.expert_mode == "shaped":
         p = math.exp(lp)
         pg = -adv * p / (p + cfg.shaping_gamma)
+    elif expert and cfg.expert_mode == "is":
+        rho = math.exp(clamp(lp - beh, cfg.log_ratio_clamp))
+        pg = -adv * (rho if cfg.is_cap is None else min(rho, cfg.is_cap))
     else:
-        base = beh if expert and cfg.expert_mode == "is" else old_value
-        ratio = math.exp(lp - base)
+        ratio = math.exp(clamp(lp - old_value, cfg.log_ratio_clamp))
         pg = max(-ratio * adv, -min(max(ratio, 1 - cfg.eps_low), 1 + cfg.eps_high) * adv)
         if cfg.dual_clip is not None and adv < 0:
             pg = min(pg, -cfg.dual_clip * adv)
@@ -47,7 +54,11 @@ def hand_token_loss(cfg: LossConfig, lp, entropy, adv, expert, old, ref, beh) ->
     kl = 0.0
     if cfg.beta > 0:
         d = ref - lp
-        kl = {"k1": -d, "k2": d * d / 2, "k3": math.exp(d) - d - 1}[cfg.kl]
+        if cfg.kl == "k3":
+            d = clamp(d, cfg.log_ratio_clamp)
+            kl = clamp(math.exp(d) - d - 1, cfg.kl_clamp)
+        else:
+            kl = {"k1": -d, "k2": d * d / 2}[cfg.kl]
     return pg + cfg.beta * kl - cfg.entropy_coef * entropy
 
 
@@ -79,6 +90,8 @@ def tiny_batch(seed: int, per_token_adv: bool = False, with_old: bool = True):
     lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
     # Offsets that put some ratios above 1 + eps, some below 1 - eps and some inside the range.
     offsets = torch.tensor([-0.5, 0.5, 0.05, -0.6, 0.4, -0.05, 0.7, -0.3, 0.1], dtype=torch.float64)
+    # Expert ratios to the behaviour log-probs (tokens 3, 5, 8 are unmasked experts): 1.65, 0.95, 0.5.
+    behavior_offsets = torch.tensor([0.3, -0.6, 0.5, -0.5, 0.2, 0.05, 0.8, 0.1, 0.7], dtype=torch.float64)
     adv_shape = n if per_token_adv else len(LENGTHS)
     advantages = torch.randn(adv_shape, generator=gen, dtype=torch.float64)
     advantages[0] = -abs(advantages[0]) - 0.5  # at least one negative advantage for the dual clip
@@ -90,7 +103,7 @@ def tiny_batch(seed: int, per_token_adv: bool = False, with_old: bool = True):
         origin=torch.tensor([0, 0, 1, 2, 0, 1, 1, 0, 2]),
         old_logprobs=(lp + offsets).float() if with_old else None,
         ref_logprobs=(lp + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)).float(),
-        behavior_logprobs=(lp + 0.4 * torch.randn(n, generator=gen, dtype=torch.float64)).float(),
+        behavior_logprobs=(lp + behavior_offsets).float(),
         loss_mask=torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool),
     )
 
@@ -101,6 +114,8 @@ CASES = {
     "ratio-k2": (LossConfig(beta=0.1, kl="k2"), {}),
     "ratio-k3-clip-higher": (LossConfig(beta=0.1, kl="k3", eps_high=0.28), {}),
     "is-expert": (LossConfig(expert_mode="is"), {}),
+    "is-cap": (LossConfig(expert_mode="is", is_cap=1.1, dual_clip=1.5), {}),
+    "tight-clamps": (LossConfig(expert_mode="is", beta=0.5, kl="k3", log_ratio_clamp=0.3, kl_clamp=0.02), {}),
     "shaped-expert": (LossConfig(expert_mode="shaped", shaping_gamma=0.2), {}),
     "dual-clip": (LossConfig(dual_clip=1.5), {}),
     "tis-cap": (LossConfig(tis_cap=1.1), {}),
@@ -172,7 +187,19 @@ def test_token_losses_known_values():
     assert one(base, log(0.5), adv=-1.0) == pytest.approx(0.8)  # r = 0.5 clipped up to 0.8
     assert one(LossConfig(dual_clip=1.3), log(1.5), adv=-1.0) == pytest.approx(1.3)  # capped at c * |A|
     assert one(LossConfig(expert_mode="shaped"), log(0.5), adv=2.0, expert=True) == pytest.approx(-2 * 0.5 / 0.6)
-    assert one(LossConfig(expert_mode="is"), log(0.3), adv=1.0, beh=log(0.25), expert=True) == pytest.approx(-1.2)
+    # "is": the unclipped ratio to the expert's log-probs, r = 0.6 / 0.25 = 2.4, optionally capped
+    assert one(LossConfig(expert_mode="is"), log(0.6), adv=1.0, beh=log(0.25), expert=True) == pytest.approx(-2.4)
+    assert one(LossConfig(expert_mode="is", dual_clip=1.5), log(0.6), adv=-1.0, beh=log(0.25),
+               expert=True) == pytest.approx(2.4)  # no dual clip either
+    assert one(LossConfig(expert_mode="is", is_cap=1.5), log(0.6), adv=1.0, beh=log(0.25),
+               expert=True) == pytest.approx(-1.5)
+    # Log-ratios clamped to +-20 before exp, k3 clamped to 10 (verl's values, the defaults)
+    assert one(base, 30.0, adv=-1.0) == pytest.approx(math.exp(20))
+    assert one(replace(base, log_ratio_clamp=None), 30.0, adv=-1.0) == pytest.approx(math.exp(30))
+    assert one(LossConfig(expert_mode="is"), -1.0, adv=1.0, beh=-40.0, expert=True) == pytest.approx(-math.exp(20))
+    assert one(LossConfig(beta=1.0), 0.0, adv=0.0, ref=5.0) == pytest.approx(10.0)
+    assert one(LossConfig(beta=1.0, kl_clamp=None), 0.0, adv=0.0, ref=5.0) == pytest.approx(math.exp(5) - 6)
+    assert one(LossConfig(beta=1.0, kl_clamp=None), 0.0, adv=0.0, ref=25.0) == pytest.approx(math.exp(20) - 21)
     assert one(LossConfig(tis_cap=3.0), log(1.1), adv=1.0, beh=log(0.5)) == pytest.approx(-1.1 * 2.0)
     assert one(LossConfig(tis_cap=1.5), log(1.1), adv=1.0, beh=log(0.5)) == pytest.approx(-1.1 * 1.5)
     d = log(2.0)  # ref - lp
@@ -183,6 +210,41 @@ def test_token_losses_known_values():
 
 
 # ----------------------------------------------------------------------------- gradients
+
+
+def _token_gradient(cfg: LossConfig, lp: float, **values) -> float:
+    """d l / d lp of one token, by autograd through the reference."""
+    t = lambda v: None if v is None else torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
+    leaf = t(lp).requires_grad_()
+    loss, _ = reference.token_losses(
+        leaf, None, advantages=t(values["adv"]), is_expert=torch.tensor([values.get("expert", False)]),
+        old_logprobs=t(values.get("old")), ref_logprobs=t(values.get("ref")), behavior_logprobs=t(values.get("beh")),
+        config=cfg,
+    )
+    loss.sum().backward()
+    return float(leaf.grad)
+
+
+def test_is_gradient_is_the_truncated_importance_weight():
+    """pg = -w A with w = min(rho, cap): the gradient is -w A d(lp), also where the cap is active."""
+    log = math.log
+    expert = dict(adv=2.0, beh=log(0.25), expert=True)
+    assert _token_gradient(LossConfig(expert_mode="is"), log(0.6), **expert) == pytest.approx(-2.0 * 2.4)
+    assert _token_gradient(LossConfig(expert_mode="is", is_cap=1.5), log(0.6), **expert) == pytest.approx(-2.0 * 1.5)
+    assert _token_gradient(LossConfig(expert_mode="is", is_cap=3.0), log(0.6), **expert) == pytest.approx(-2.0 * 2.4)
+    # Beyond the log-ratio clamp the value is frozen: no gradient (as torch.clamp, as verl).
+    assert _token_gradient(LossConfig(expert_mode="is"), -1.0, adv=1.0, beh=-40.0, expert=True) == 0.0
+    # Policy tokens keep the clipped ratio: r = 2.4 > 1.2 with A > 0 is clipped, no gradient.
+    assert _token_gradient(LossConfig(expert_mode="is"), log(0.6), adv=2.0, old=log(0.25), beh=0.0) == 0.0
+
+
+def test_clamped_terms_carry_no_gradient():
+    assert _token_gradient(LossConfig(), 30.0, adv=-1.0, old=0.0) == 0.0
+    assert _token_gradient(LossConfig(log_ratio_clamp=None), 3.0, adv=-1.0, old=0.0) == pytest.approx(math.exp(3))
+    assert _token_gradient(LossConfig(beta=1.0), 0.0, adv=0.0, ref=5.0) == 0.0  # k3 = e^5 - 6 > 10
+    assert _token_gradient(LossConfig(beta=1.0), 0.0, adv=0.0, ref=2.0) == pytest.approx(1 - math.exp(2))
+
+
 
 
 def _fp64_loss(hidden, weight, targets, cfg, **kwargs):
@@ -242,6 +304,53 @@ def test_reference_logprobs_match_hand_softmax():
         hand_lp, hand_entropy = hand_softmax(logits[t].tolist(), int(targets[t]), 1.7)
         assert float(lp[t]) == pytest.approx(hand_lp, rel=1e-6)
         assert float(entropy[t]) == pytest.approx(hand_entropy, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- masked tokens, masked vocabulary
+
+GARBAGE_CONFIG = LossConfig(beta=0.1, entropy_coef=0.05, expert_mode="is", tis_cap=1.5, agg="seq-mean-token-mean")
+
+
+def _loss_and_logit_grad(logits, targets, batch, config=GARBAGE_CONFIG):
+    leaf = logits.clone().requires_grad_()
+    out = reference.grpo_loss(leaf, targets, **batch, config=config)
+    out.loss.backward()
+    return out, leaf.grad
+
+
+def test_masked_tokens_reach_neither_loss_nor_gradient_whatever_they_hold():
+    batch = tiny_batch(seed=12, per_token_adv=True)
+    logits, targets = batch.pop("logits"), batch.pop("targets")
+    clean, clean_grad = _loss_and_logit_grad(logits, targets, batch)
+    masked = ~batch["loss_mask"]
+    poisoned = {**batch}
+    for name in ("advantages", "old_logprobs", "ref_logprobs", "behavior_logprobs"):
+        poisoned[name] = batch[name].masked_fill(masked, float("nan"))
+    bad_logits = logits.clone()
+    bad_logits[masked.nonzero()[0, 0]] = float("nan")
+    bad_logits[masked.nonzero()[1, 0]] = float("inf")
+    out, grad = _loss_and_logit_grad(bad_logits, targets, poisoned)
+    assert float(out.loss.detach()) == float(clean.loss.detach())
+    assert torch.equal(grad, clean_grad) and not grad[masked].any()
+    assert out.stats == clean.stats
+
+
+def test_minus_inf_logits_are_an_absent_vocabulary_entry():
+    """-inf logits (a masked vocabulary) give what the same rows without those columns give."""
+    batch = tiny_batch(seed=13)
+    logits, targets = batch.pop("logits"), batch.pop("targets")
+    absent = torch.zeros_like(logits, dtype=torch.bool)
+    absent[:, 2] = True
+    absent[4, 5] = True
+    absent[torch.arange(len(targets)), targets] = False  # never the target
+    with_inf = logits.masked_fill(absent, float("-inf"))
+    out, grad = _loss_and_logit_grad(with_inf, targets, batch)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and not grad[absent].any()
+    # The same rows with the absent entries at -1000: exp underflows to exactly 0 in fp64.
+    far, far_grad = _loss_and_logit_grad(logits.masked_fill(absent, -1000.0), targets, batch)
+    assert float(out.loss.detach()) == pytest.approx(float(far.loss.detach()), rel=1e-12)
+    assert torch.allclose(grad, far_grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(out.entropy, far.entropy)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -310,10 +419,27 @@ BAD_INPUTS = {
     "ref-device": (dict(ref_logprobs=torch.randn(N, device="meta")), r"ref_logprobs is on meta; expected cpu"),
     "mask-shape": (dict(loss_mask=torch.ones(N - 1)), r"loss_mask must be a tensor of shape \[9\]"),
     "normalizer-shape": (dict(normalizer=torch.ones(2)), r"normalizer must be a float or a 0-dim tensor"),
+    "normalizer-zero": (dict(normalizer=0.0), r"normalizer must be a finite number > 0 .*got 0.0"),
+    "normalizer-negative": (dict(normalizer=-4), r"normalizer must be a finite number > 0 .*got -4"),
+    "normalizer-nan": (dict(normalizer=float("nan")), r"normalizer must be a finite number > 0 .*got nan"),
+    "normalizer-inf-tensor": (
+        dict(normalizer=torch.tensor(float("inf"))), r"normalizer must be a finite number > 0 .*got inf",
+    ),
+    "origin-negative": (dict(origin=torch.tensor([0, 0, 1, -1, 0, 1, 1, 0, 2])), r"origin must be >= 0 .*got -1"),
+    # S == N with an empty sequence: per sequence and per token disagree.
+    "advantages-ambiguous": (
+        dict(cu_seqlens=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 9]), advantages=torch.randn(N)),
+        r"advantages \[9\] is ambiguous: S = N = 9.*advantage_level='sequence' or 'token'",
+    ),
+    "advantage-level-name": (dict(advantage_level="seq"), r"advantage_level must be 'sequence', 'token' or None"),
+    "advantage-level-shape": (
+        dict(advantage_level="sequence", advantages=torch.randn(N)),
+        r"advantages must have shape \[S\]=\[3\] with advantage_level='sequence'; got \[9\]",
+    ),
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu", "triton"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
 def test_bad_inputs_raise_value_error_naming_the_argument(case, backend):
     changes, message = BAD_INPUTS[case]
@@ -331,16 +457,43 @@ def test_bad_backend_and_temperature():
         grpo_loss(torch.randn(N), inputs["targets"], advantages=inputs["advantages"], cu_seqlens=inputs["cu_seqlens"])
 
 
-BAD_CONFIGS = {
-    "eps_low": -0.1, "eps_high": -0.2, "dual_clip": 1.0, "beta": -1.0, "kl": "k4", "temperature": 0.0,
-    "expert_mode": "luffy", "shaping_gamma": 0.0, "tis_cap": -1.0, "agg": "sum",
-}
+BAD_CONFIGS = [
+    ("eps_low", -0.1), ("eps_high", -0.2), ("dual_clip", 1.0), ("beta", -1.0), ("kl", "k4"), ("temperature", 0.0),
+    ("expert_mode", "luffy"), ("shaping_gamma", 0.0), ("tis_cap", -1.0), ("agg", "sum"), ("is_cap", 0.0),
+    ("log_ratio_clamp", -1.0), ("kl_clamp", 0.0),
+    # non-finite floats, wrong types
+    ("entropy_coef", float("nan")), ("temperature", float("inf")), ("beta", float("nan")), ("eps_high", float("inf")),
+    ("dual_clip", float("inf")), ("tis_cap", float("nan")), ("kl_clamp", float("inf")), ("beta", "0.1"),
+    ("beta", True), ("max_len", 2.5), ("max_len", True), ("max_len", "8"),
+]
 
 
-@pytest.mark.parametrize("field", list(BAD_CONFIGS))
-def test_bad_config_field_is_named(field):
+@pytest.mark.parametrize("field,value", BAD_CONFIGS, ids=[f"{f}={v!r}" for f, v in BAD_CONFIGS])
+def test_bad_config_field_is_named(field, value):
     with pytest.raises(ValueError, match=rf"LossConfig\.{field}="):
-        LossConfig(**{field: BAD_CONFIGS[field]})
+        LossConfig(**{field: value})
+
+
+def test_is_cap_needs_the_is_mode():
+    with pytest.raises(ValueError, match=r"LossConfig\.is_cap=2.0 is invalid: .*expert_mode is 'ratio'"):
+        LossConfig(is_cap=2.0)
+    assert LossConfig(expert_mode="is", is_cap=2.0).is_cap == 2.0
+
+
+def test_advantage_level_resolves_per_sequence_against_per_token():
+    """S == N with an empty sequence: each explicit reading equals the loss of its per-token expansion."""
+    cu = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 9])
+    adv = torch.randn(N, generator=torch.Generator().manual_seed(4))
+    per_token_of_seq = adv[torch.repeat_interleave(torch.arange(N), cu.diff())]
+    by_seq = _call(cu_seqlens=cu, advantages=adv, advantage_level="sequence")
+    by_token = _call(cu_seqlens=cu, advantages=adv, advantage_level="token")
+    assert float(by_seq.loss) == float(_call(cu_seqlens=cu, advantages=per_token_of_seq, advantage_level="token").loss)
+    assert float(by_token.loss) != float(by_seq.loss)
+    # Unambiguous shapes need no level, and one-token sequences read the same either way.
+    assert float(_call(advantages=adv).loss) == float(_call(advantages=adv, advantage_level="token").loss)
+    ones = torch.arange(N + 1)
+    assert float(_call(cu_seqlens=ones, advantages=adv).loss) == float(
+        _call(cu_seqlens=ones, advantages=adv, advantage_level="sequence").loss)
 
 
 def test_sum_norm_needs_max_len():

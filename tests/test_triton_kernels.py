@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
+from ekipl_kernels.backends import resolve_backend
 
 triton = pytest.importorskip("triton")
 triton_backend = pytest.importorskip("ekipl_kernels.triton_backend")
@@ -231,35 +232,142 @@ def test_logits_loss_matches_reference(name, dtype):
         assert rel_err(out.entropy, ref.entropy) < TOLERANCE[torch.float32]
 
 
-def test_every_branch_of_the_token_loss():
-    """Many tokens over a tiny vocabulary: ratios on both sides of both clip bounds, advantages of both
-    signs, dual clip active, expert and policy tokens, for every expert mode and KL estimator."""
-    gen = torch.Generator().manual_seed(8)
-    n, vocab = 384, 7
+def branch_batch(seed: int, n: int = 384, vocab: int = 7, spread: float = 1.0):
+    """Many tokens over a tiny vocabulary, old/ref/behaviour log-probs ``spread`` nats around the truth."""
+    gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 2
     targets = torch.randint(0, vocab, (n,), generator=gen)
     lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    near = lambda: (lp + spread * torch.randn(n, generator=gen)).float()  # noqa: E731
     keywords = dict(
         advantages=torch.randn(n, generator=gen) * 2, cu_seqlens=torch.tensor([0, n]),
-        origin=torch.randint(0, 3, (n,), generator=gen), old_logprobs=(lp + torch.randn(n, generator=gen)).float(),
-        ref_logprobs=(lp + torch.randn(n, generator=gen)).float(),
-        behavior_logprobs=(lp + torch.randn(n, generator=gen)).float(),
+        origin=torch.randint(0, 3, (n,), generator=gen), old_logprobs=near(), ref_logprobs=near(),
+        behavior_logprobs=near(),
     )
-    for expert_mode, kl in (("ratio", "k1"), ("is", "k2"), ("shaped", "k3")):
-        config = LossConfig(expert_mode=expert_mode, kl=kl, beta=0.1, eps_high=0.28, dual_clip=2.5, tis_cap=1.2,
-                            entropy_coef=0.02)
-        grads = {}
-        for backend in ("triton", "reference"):
-            leaf = logits.float().clone().requires_grad_()
-            out = grpo_loss(leaf, targets, config=config, backend=backend, **keywords)
-            out.loss.backward()
-            grads[backend] = (out, leaf.grad)
-        (out, grad), (ref, ref_grad) = grads["triton"], grads["reference"]
+    return logits, targets, keywords
+
+
+def compare_logits_loss(logits, targets, keywords, config, what: str):
+    """Triton vs reference ``grpo_loss`` over fp32 logits; the worst per-token gradient error."""
+    results = {}
+    for backend in ("triton", "reference"):
+        leaf = logits.float().clone().requires_grad_()
+        out = grpo_loss(leaf, targets, config=config, backend=backend, **keywords)
+        out.loss.backward()
+        results[backend] = (out, leaf.grad)
+    (out, grad), (ref, ref_grad) = results["triton"], results["reference"]
+    assert loss_err(out.loss, ref.loss, 1e-3) < 1e-4, what
+    assert torch.isfinite(grad).all(), what
+    # Per row: each token's gradient is its own loss derivative times the softmax Jacobian.
+    row_err = (grad.double() - ref_grad.double()).norm(dim=1) / ref_grad.double().norm(dim=1).clamp_min(1e-12)
+    assert float(row_err.max()) < 1e-4, f"{what}: worst token error {float(row_err.max()):.2e}"
+    return out, ref
+
+
+def test_every_branch_of_the_token_loss():
+    """Ratios on both sides of both clip bounds, advantages of both signs, dual clip active, expert and policy
+    tokens, for every expert mode and KL estimator, and the is-cap and clamps active on many tokens."""
+    logits, targets, keywords = branch_batch(seed=8)
+    common = dict(beta=0.1, eps_high=0.28, dual_clip=2.5, tis_cap=1.2, entropy_coef=0.02)
+    for expert_mode, kl, extra in (("ratio", "k1", {}), ("is", "k2", {}), ("shaped", "k3", {}),
+                                   ("is", "k3", dict(is_cap=1.3, log_ratio_clamp=0.6, kl_clamp=0.4))):
+        config = LossConfig(expert_mode=expert_mode, kl=kl, **common, **extra)
+        _, ref = compare_logits_loss(logits, targets, keywords, config, f"{expert_mode}/{kl}/{extra}")
         assert 0.05 < ref.stats["clip_frac"] < 0.95, "the batch must exercise both clipped and unclipped tokens"
-        assert loss_err(out.loss, ref.loss, 1e-3) < 1e-4
-        # Per row: each token's gradient is its own loss derivative times the softmax Jacobian.
-        row_err = (grad.double() - ref_grad.double()).norm(dim=1) / ref_grad.double().norm(dim=1).clamp_min(1e-12)
-        assert float(row_err.max()) < 1e-4, f"{expert_mode}/{kl}: worst token error {float(row_err.max()):.2e}"
+
+
+def test_huge_log_ratios_stay_finite():
+    """Old, reference and behaviour log-probs 60 nats away: exp() would overflow without the clamps."""
+    logits, targets, keywords = branch_batch(seed=12, n=96)
+    far = torch.tensor([60.0, -60.0, 0.0]).repeat(32)
+    keywords = {**keywords, "old_logprobs": keywords["old_logprobs"] + far, "ref_logprobs": keywords["ref_logprobs"] - far,
+                "behavior_logprobs": keywords["behavior_logprobs"] + far.roll(1)}
+    for kl in ("k1", "k2", "k3"):
+        for extra in ({}, dict(is_cap=5.0)):
+            config = LossConfig(expert_mode="is", beta=0.1, kl=kl, tis_cap=2.0, dual_clip=3.0, **extra)
+            compare_logits_loss(logits, targets, keywords, config, f"{kl}/{extra}")
+
+
+def poisoned_masked_tokens(batch: Batch) -> Batch:
+    """NaN and inf in the hidden rows and every per-token input of the masked tokens."""
+    masked = batch.keywords["loss_mask"] == 0
+    rows = masked.nonzero().squeeze(1)
+    hidden = batch.hidden.clone()
+    hidden[rows[0::2]] = float("nan")
+    hidden[rows[1::2]] = float("inf")
+    keywords = dict(batch.keywords)
+    for name, value in (("old_logprobs", float("nan")), ("ref_logprobs", float("inf")),
+                        ("behavior_logprobs", float("nan")), ("advantages", float("nan"))):
+        keywords[name] = keywords[name].masked_fill(masked, value)
+    return Batch(hidden, batch.weight, batch.targets, keywords)
+
+
+@pytest.mark.filterwarnings("ignore:.*(NaN|invalid value):RuntimeWarning")  # numpy, on the NaN rows
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_masked_tokens_reach_neither_loss_nor_gradient_whatever_they_hold(schedule, small_chunks, monkeypatch):
+    use_schedule(monkeypatch, schedule)
+    clean = make_batch(seed=13, per_token_advantages=True)
+    batch = poisoned_masked_tokens(clean)
+    config = LossConfig(expert_mode="is", beta=0.1, entropy_coef=0.01, tis_cap=2.0, agg="seq-mean-token-mean")
+    out, d_hidden, d_weight = run_linear(batch, config, "triton")
+    ref, ref_hidden, ref_weight = run_linear(clean, config, "reference")
+    masked = batch.keywords["loss_mask"] == 0
+    assert loss_err(out.loss, ref.loss, 1e-3) < 1e-4
+    assert rel_err(d_hidden, ref_hidden) < 1e-4 and rel_err(d_weight, ref_weight) < 1e-4
+    assert not d_hidden[masked].any()
+    assert rel_err(out.logprobs[~masked], ref.logprobs[~masked]) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:.*(NaN|invalid value):RuntimeWarning")  # numpy, on the NaN rows
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_logits_loss_with_masked_garbage_rows_and_minus_inf_vocabulary(entropy_coef):
+    batch = make_batch(seed=14, logit_scale=3.0, per_token_advantages=True)
+    logits = batch.logits()
+    absent = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    absent[torch.arange(len(batch.targets)), batch.targets] = False  # a masked vocabulary never hides the target
+    logits = logits.masked_fill(absent, float("-inf"))
+    masked = batch.keywords["loss_mask"] == 0
+    logits[masked] = float("nan")
+    poisoned = poisoned_masked_tokens(batch)
+    config = LossConfig(beta=0.04, entropy_coef=entropy_coef, expert_mode="is", temperature=0.9)
+    (out, grad), (ref, ref_grad) = (logits_loss_and_grad(logits, poisoned, config, b) for b in ("triton", "reference"))
+    assert loss_err(out.loss, ref.loss, 1e-3) < 1e-4
+    assert rel_err(grad, ref_grad) < 1e-4 and not grad[masked].any() and not grad[absent].any()
+    assert rel_err(out.logprobs[~masked], ref.logprobs[~masked]) < 1e-4
+
+
+def test_strided_targets():
+    """Kernels index targets by row: a strided view must give the same results as a contiguous copy."""
+    batch = make_batch(seed=15)
+    strided = torch.stack([batch.targets, batch.targets.flip(0)], dim=1)[:, 0]
+    assert not strided.is_contiguous() and torch.equal(strided, batch.targets)
+    config = LossConfig(beta=0.04, entropy_coef=0.01)
+    ref, ref_hidden, ref_weight = run_linear(batch, config, "reference")
+    out, d_hidden, d_weight = run_linear(Batch(batch.hidden, batch.weight, strided, batch.keywords), config, "triton")
+    assert loss_err(out.loss, ref.loss, 1e-3) < 1e-4
+    assert rel_err(d_hidden, ref_hidden) < 1e-4 and rel_err(d_weight, ref_weight) < 1e-4
+    (logits_out, _), (logits_ref, _) = (
+        logits_loss_and_grad(batch.logits(), Batch(batch.hidden, batch.weight, t, batch.keywords), config, b)
+        for t, b in ((strided, "triton"), (batch.targets, "reference"))
+    )
+    assert rel_err(logits_out.logprobs, logits_ref.logprobs) < 1e-4
+    lp = fused_linear_logprobs(batch.hidden, batch.weight, strided, backend="triton")
+    assert rel_err(lp, ref.logprobs) < 1e-4
+
+
+def test_fp64_is_refused_by_triton_and_routed_to_chunked():
+    batch = make_batch(seed=16)
+    hidden, weight = batch.hidden.double(), batch.weight.double()
+    with pytest.raises(ValueError, match=r"triton backend takes fp32, bf16 or fp16 inputs; got torch.float64"):
+        fused_linear_grpo_loss(hidden, weight, batch.targets, backend="triton", **batch.keywords)
+    with pytest.raises(ValueError, match=r"ekipl::grpo_loss on the triton backend .* got torch.float64"):
+        grpo_loss(batch.logits().double(), batch.targets, backend="triton", **batch.keywords)
+    with pytest.raises(ValueError, match=r"ekipl::fused_linear_logprobs on the triton backend"):
+        fused_linear_logprobs(hidden, weight, batch.targets, backend="triton")
+    cuda = torch.device("cuda")
+    assert resolve_backend(None, cuda, torch.float64) == "chunked"
+    assert resolve_backend(None, cuda, torch.bfloat16) == "triton"
+    assert resolve_backend("triton", cuda, torch.float64) == "triton"  # asked for: refused with the message above
 
 
 @pytest.mark.parametrize("vocab", [1001, 7])

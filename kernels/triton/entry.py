@@ -1,5 +1,8 @@
 """The three ``ekipl::`` ops on top of the kernels, with the ops' signatures and return conventions
-(outputs that were not asked for are empty tensors)."""
+(outputs that were not asked for are empty tensors). The kernels take fp32, bf16 and fp16 inputs; fp64 is
+refused (its gradient does not fit the fp32 scratch it is written into in place), and the public functions
+send it to the chunked backend. Targets are made contiguous: the kernels index them by row.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,15 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty(0, dtype=dtype or like.dtype)
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(op: str, x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"ekipl::{op} on the triton backend takes fp32, bf16 or fp16 inputs; got {x.dtype} "
+                         "(use backend='chunked' for fp64, as backend=None does)")
+
+
 def _inv_tau(temperature: float) -> float:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
@@ -24,9 +36,12 @@ def _inv_tau(temperature: float) -> float:
 
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                            behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
-                           expert_mode, shaping_gamma, tis_cap, need_entropy, grad_hidden, grad_weight):
+                           expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy,
+                           grad_hidden, grad_weight):
+    _check_dtype("fused_linear_grpo_loss", hidden)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
+                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
+                     log_ratio_clamp, kl_clamp)
     n = hidden.shape[0]
     if n == 0:
         zero = hidden.new_zeros((), dtype=torch.float32)
@@ -34,7 +49,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_e
                 torch.zeros_like(hidden) if grad_hidden else _empty(hidden),
                 torch.zeros_like(weight) if grad_weight else _empty(weight))
     loss, lp, ent, d_hidden, d_weight = fused_linear_loss(
-        hidden.detach(), weight.detach(), targets, tok, _inv_tau(temperature), grad_hidden, grad_weight,
+        hidden.detach(), weight.detach(), targets.contiguous(), tok, _inv_tau(temperature), grad_hidden, grad_weight,
         schedule_from_env(),
     )
     return (loss, lp, ent if need_entropy else _empty(lp), _empty(hidden) if d_hidden is None else d_hidden,
@@ -43,17 +58,20 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_e
 
 def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
               eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma,
-              tis_cap, need_entropy, grad_logits):
+              is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_logits):
+    _check_dtype("grpo_loss", logits)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
+                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
+                     log_ratio_clamp, kl_clamp)
     logits = logits.detach()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_logits else None
-    out = logits_loss(logits, targets, tok, _inv_tau(temperature), grad=grad)
+    out = logits_loss(logits, targets.contiguous(), tok, _inv_tau(temperature), grad=grad)
     return (out["loss"].sum(), out["logprobs"], out["entropy"] if need_entropy else _empty(out["logprobs"]),
             _empty(logits) if grad is None else grad)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy):
+    _check_dtype("fused_linear_logprobs", hidden)
     inv_tau = _inv_tau(temperature)
-    stats = token_finish(linear_stats(hidden.detach(), weight.detach(), targets, inv_tau), inv_tau)
+    stats = token_finish(linear_stats(hidden.detach(), weight.detach(), targets.contiguous(), inv_tau), inv_tau)
     return stats["logprobs"], stats["entropy"] if need_entropy else _empty(stats["logprobs"])

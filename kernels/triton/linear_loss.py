@@ -11,7 +11,7 @@ scratch buffer of logits):
     every row's statistics; then for each slice of Vc vocabulary columns ``z = h W_s^T`` is recomputed
     (cuBLAS) -> ``dz`` in place -> ``dW_s = dz^T h`` (complete in one GEMM, fp32 inside) and
     ``dh += dz W_s`` (fp32 accumulator). Four GEMMs (``8 N H V``); extra memory ``4 N Vc + 4 N H``
-    bytes, which does not grow with V.
+    bytes and a copy of ``h`` (its masked rows zeroed for ``dW``), which does not grow with V.
 
 Both write ``dz`` in the inputs' dtype (the backward GEMMs run on the tensor cores), divided by the
 largest aggregation weight so that fp16 does not flush it to zero; the scale is put back in fp32.
@@ -68,6 +68,12 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device):
     return logits, grad
 
 
+def _without_masked_rows(hidden: torch.Tensor, agg_weight: torch.Tensor) -> torch.Tensor:
+    """``hidden`` with the rows of masked tokens zeroed for the weight-gradient GEMM: their logit gradient is
+    zero, but 0 * NaN is NaN there, and a masked row may hold anything."""
+    return torch.where((agg_weight != 0)[:, None], hidden, hidden.new_zeros(()))
+
+
 def grad_scale(tok: TokenArgs) -> torch.Tensor:
     """The largest |w_t| (1 when all vanish), a device scalar: no host sync."""
     if tok.agg_weight.numel() == 0:
@@ -117,7 +123,7 @@ def _rows_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weig
             torch.mul(d_hidden32[:rows], scale, out=d_hidden32[:rows])
             d_hidden[start:stop] = d_hidden32[:rows]
         if grad_weight:
-            addmm_fp32_(d_weight32, dz.T, h_c)
+            addmm_fp32_(d_weight32, dz.T, _without_masked_rows(h_c, tok.agg_weight[start:stop]))
     d_weight = None
     if grad_weight:
         d_weight = d_weight32.mul_(scale).to(weight.dtype)
@@ -135,6 +141,7 @@ def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_wei
     d_hidden32 = torch.zeros((n, h), dtype=torch.float32, device=device) if grad_hidden else None
     d_weight = torch.empty_like(weight) if grad_weight else None
     d_weight32 = torch.empty((width, h), dtype=torch.float32, device=device) if grad_weight else None
+    hidden_dw = _without_masked_rows(hidden, tok.agg_weight) if grad_weight else None
     for start in range(0, v, width):
         stop = min(start + width, v)
         cols = stop - start
@@ -145,7 +152,7 @@ def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_wei
         mm_fp32(hidden, w_s.T, out=z)
         logit_grad(z, dz, targets, start, stats, inv_tau)
         if grad_weight:
-            mm_fp32(dz.T, hidden, out=d_weight32[:cols])
+            mm_fp32(dz.T, hidden_dw, out=d_weight32[:cols])
             torch.mul(d_weight32[:cols], scale, out=d_weight32[:cols])
             d_weight[start:stop] = d_weight32[:cols]
         if grad_hidden:

@@ -24,14 +24,15 @@ def store_row_grads(logits_ptr, stride_logits, grad_ptr, stride_grad, rows, row_
     rows64 = rows.to(tl.int64)
     src = logits_ptr + rows64[:, None] * stride_logits
     dst = grad_ptr + rows64[:, None] * stride_grad
-    # Rows whose coefficients vanish (masked tokens) get zeros without reading their logits.
+    # Rows whose coefficients vanish (masked tokens) get zeros without reading their logits, selected
+    # rather than computed: their statistics may be NaN.
     active = row_ok & ((coef_lp != 0) | (coef_ent != 0))
     for c0 in range(0, n_cols, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         inside = cols[None, :] < n_cols
         z = tl.load(src + cols[None, :], mask=active[:, None] & inside, other=float("-inf")).to(tl.float32) * inv_tau
         is_target = (cols[None, :] + col_offset) == target[:, None]
-        grad = logit_grad_tile(z, is_target, lse, ent, coef_lp, coef_ent)
+        grad = tl.where(active[:, None], logit_grad_tile(z, is_target, lse, ent, coef_lp, coef_ent), 0.0)
         tl.store(dst + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & inside)
 
 

@@ -23,7 +23,7 @@ def _logits_loss_kernel(
     logits_ptr, stride_logits, grad_ptr, stride_grad, targets_ptr, lp_out, ent_out, loss_out, scale_ptr,
     N, V, inv_tau,
     adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, tis_cap,
+    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -42,16 +42,16 @@ def _logits_loss_kernel(
     target = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     target_logit = tl.load(logits_ptr + rows64 * stride_logits + target, mask=row_ok, other=0.0).to(tl.float32)
     lp = target_logit * inv_tau - lse
-    w, loss, d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr,
-                                    has_old, eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode,
-                                    shaping_gamma, tis_cap)
+    w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr,
+                                        has_old, eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef,
+                                        expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp)
     tl.store(lp_out + rows, lp, mask=row_ok)
     tl.store(ent_out + rows, ent, mask=row_ok)
-    tl.store(loss_out + rows, w * loss, mask=row_ok)
+    tl.store(loss_out + rows, w_loss, mask=row_ok)
     if WRITE_GRAD:
-        coef = w * inv_tau / tl.load(scale_ptr)
+        coef = inv_tau / tl.load(scale_ptr)
         store_row_grads(logits_ptr, stride_logits, grad_ptr, stride_grad, rows, row_ok, V, 0, target, lse, ent,
-                        coef * d_lp, -coef * entropy_coef, inv_tau, BLOCK_V)
+                        coef * w_d_lp, -coef * w * entropy_coef, inv_tau, BLOCK_V)
 
 
 def logits_loss(logits: torch.Tensor, targets: torch.Tensor, tok: TokenArgs, inv_tau: float,

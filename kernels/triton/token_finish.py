@@ -18,7 +18,7 @@ from .token_loss import TOKEN_INT_ARGS, TokenArgs, load_token_loss
 def _token_finish_kernel(
     part_ptr, splits, N, lp_out, ent_out, lse_out, loss_out, coef_lp_out, coef_ent_out, scale_ptr, inv_tau,
     adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, tis_cap,
+    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp,
     BLOCK: tl.constexpr, WITH_LOSS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -41,14 +41,15 @@ def _token_finish_kernel(
     tl.store(ent_out + rows, ent, mask=row_ok)
     tl.store(lse_out + rows, lse, mask=row_ok)
     if WITH_LOSS:
-        w, loss, d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr,
-                                        has_old, eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef,
-                                        expert_mode, shaping_gamma, tis_cap)
-        tl.store(loss_out + rows, w * loss, mask=row_ok)
+        w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
+                                            beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
+                                            entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp,
+                                            kl_clamp)
+        tl.store(loss_out + rows, w_loss, mask=row_ok)
         # The backward GEMMs see the gradient divided by scale (the largest |w|): fp16 keeps it.
-        coef = w * inv_tau / tl.load(scale_ptr)
-        tl.store(coef_lp_out + rows, coef * d_lp, mask=row_ok)
-        tl.store(coef_ent_out + rows, -coef * entropy_coef, mask=row_ok)
+        coef = inv_tau / tl.load(scale_ptr)
+        tl.store(coef_lp_out + rows, coef * w_d_lp, mask=row_ok)
+        tl.store(coef_ent_out + rows, -coef * w * entropy_coef, mask=row_ok)
 
 
 def token_finish(partials: torch.Tensor, inv_tau: float, tok: Optional[TokenArgs] = None,
@@ -65,7 +66,7 @@ def token_finish(partials: torch.Tensor, inv_tau: float, tok: Optional[TokenArgs
     if n == 0:
         return out
     dummy = out["lse"]
-    loss_args = tok.kernel_args() if with_loss else (dummy,) * 6 + (0, 0.0, 0.0, 0.0, 0.0, 1, 0.0, 0, 0.1, 0.0)
+    loss_args = tok.kernel_args() if with_loss else TokenArgs.unused_kernel_args(dummy)
     blocks = tuning.token_kernel_blocks()
     grid = (triton.cdiv(n, blocks["BLOCK"]),)
     _token_finish_kernel[grid](

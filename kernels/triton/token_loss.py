@@ -7,6 +7,7 @@ Switches are run-time scalars rather than constexprs, so one compiled kernel ser
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +17,9 @@ import triton.language as tl
 
 # Integer switches that Triton must not specialise on (a value of 1 would compile another variant).
 TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode"]
+# The loss scalars in the order of the ``ekipl::`` ops and of ``token_loss`` (0 turns a cap or clamp off).
+SCALARS = ("eps_low", "eps_high", "dual_clip", "beta", "kl_kind", "entropy_coef", "expert_mode", "shaping_gamma",
+           "is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp")
 
 
 @dataclass
@@ -36,7 +40,10 @@ class TokenArgs:
     entropy_coef: float
     expert_mode: int
     shaping_gamma: float
+    is_cap: float
     tis_cap: float
+    log_ratio_clamp: float
+    kl_clamp: float
 
     def __post_init__(self) -> None:
         n = self.advantages.shape[0]
@@ -50,6 +57,9 @@ class TokenArgs:
             raise ValueError("behavior_logprobs is required with expert_mode=1 ('is') or tis_cap > 0")
         if self.kl_kind not in (1, 2, 3) or self.expert_mode not in (0, 1, 2):
             raise ValueError(f"kl_kind must be 1/2/3 and expert_mode 0/1/2; got {self.kl_kind}, {self.expert_mode}")
+        bad = [f"{name}={getattr(self, name)}" for name in SCALARS if not math.isfinite(getattr(self, name))]
+        if bad:
+            raise ValueError(f"the loss scalars must be finite; got {', '.join(bad)}")
 
     def rows(self, start: int, stop: int) -> "TokenArgs":
         """The same arguments for tokens ``start:stop`` (views, no copies)."""
@@ -62,32 +72,48 @@ class TokenArgs:
         return (
             self.advantages, self.agg_weight, self.is_expert.view(torch.uint8), vec(self.old_logprobs),
             vec(self.ref_logprobs), vec(self.behavior_logprobs), int(self.old_logprobs is not None),
-            float(self.eps_low), float(self.eps_high), float(self.dual_clip), float(self.beta), int(self.kl_kind),
-            float(self.entropy_coef), int(self.expert_mode), float(self.shaping_gamma), float(self.tis_cap),
+            *(_scalar(name, getattr(self, name)) for name in SCALARS),
         )
 
+    @staticmethod
+    def unused_kernel_args(dummy: torch.Tensor) -> tuple:
+        """Placeholders for :meth:`kernel_args` in a launch that reads none of them."""
+        return (dummy,) * 6 + (0,) + tuple(_scalar(name, 0) for name in SCALARS)
 
-def token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low, eps_high,
-               dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap) -> TokenArgs:
-    """:class:`TokenArgs` from the ``ekipl::`` op arguments: fp32 contiguous vectors, bool flags."""
+
+def _scalar(name: str, value) -> object:
+    return int(value) if name in TOKEN_INT_ARGS else float(value)
+
+
+def token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, *scalars) -> TokenArgs:
+    """:class:`TokenArgs` from the ``ekipl::`` op arguments (the scalars in :data:`SCALARS` order): fp32
+    contiguous vectors, bool flags."""
     vec = lambda v: None if v is None else v.detach().float().contiguous()  # noqa: E731
     return TokenArgs(
         vec(advantages), vec(agg_weight), is_expert.detach().bool().contiguous(), vec(old_logprobs), vec(ref_logprobs),
-        vec(behavior_logprobs), eps_low, eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode,
-        shaping_gamma, tis_cap,
+        vec(behavior_logprobs), *scalars,
     )
 
 
 @triton.jit
+def _clamp(x, bound):
+    """``(x clamped to [-bound, bound], d clamp / dx)``, the slope 1 at the bounds as ``torch.clamp``; bound 0: off."""
+    clamped = (bound > 0) & ((x < -bound) | (x > bound))
+    return tl.where(clamped, tl.minimum(tl.maximum(x, -bound), bound), x), tl.where(clamped, 0.0, 1.0)
+
+
+@triton.jit
 def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-               entropy_coef, expert_mode, shaping_gamma, tis_cap):
+               entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp):
     """``(l_t, dl_t/dlp_t)`` for vectors of tokens; see DESIGN.md, "The loss (normative)"."""
     old = tl.where(has_old != 0, old, lp)  # no old log-probs: old = stop_grad(lp), ratio 1
-    ratio = tl.exp(lp - tl.where(is_expert & (expert_mode == 1), beh, old))
+    importance = is_expert & (expert_mode == 1)
+    log_ratio, slope = _clamp(lp - tl.where(importance, beh, old), log_ratio_clamp)
+    ratio = tl.exp(log_ratio)
     unclipped = -ratio * adv
     clipped = -tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
     pg = tl.maximum(unclipped, clipped)
-    d_pg = tl.where(clipped > unclipped, 0.0, -adv * ratio)  # the clamp is flat where it wins
+    d_pg = tl.where(clipped > unclipped, 0.0, -adv * ratio * slope)  # the clamp is flat where it wins
     cap = -dual_clip * adv
     dual = (dual_clip > 0) & (adv < 0) & (cap < pg)
     pg = tl.where(dual, cap, pg)
@@ -96,15 +122,21 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
     tis = tl.where(tis_cap > 0, tl.minimum(tl.exp(old - beh), tis_cap), 1.0)
     pg = tl.where(is_expert, pg, pg * tis)
     d_pg = tl.where(is_expert, d_pg, d_pg * tis)
+    # "is" expert tokens: -w A, w = min(ratio, is_cap) unclipped; the gradient keeps the capped weight.
+    w = tl.where(is_cap > 0, tl.minimum(ratio, is_cap), ratio)
+    pg = tl.where(importance, -adv * w, pg)
+    d_pg = tl.where(importance, -adv * w * slope, d_pg)
     prob = tl.exp(lp)
     denom = prob + shaping_gamma
     shaped = is_expert & (expert_mode == 2)
     pg = tl.where(shaped, -adv * prob / denom, pg)
     d_pg = tl.where(shaped, -adv * shaping_gamma * prob / (denom * denom), d_pg)
     d = ref - lp
-    exp_d = tl.exp(tl.where(kl_kind == 3, d, 0.0))  # only k3 needs it; elsewhere it could overflow
-    kl = tl.where(kl_kind == 1, -d, tl.where(kl_kind == 2, 0.5 * d * d, exp_d - d - 1.0))
-    d_kl = tl.where(kl_kind == 1, 1.0, tl.where(kl_kind == 2, -d, 1.0 - exp_d))
+    d3, d3_slope = _clamp(d, log_ratio_clamp)
+    exp_d = tl.exp(tl.where(kl_kind == 3, d3, 0.0))  # only k3 needs it; elsewhere it could overflow
+    k3, k3_slope = _clamp(exp_d - d3 - 1.0, kl_clamp)
+    kl = tl.where(kl_kind == 1, -d, tl.where(kl_kind == 2, 0.5 * d * d, k3))
+    d_kl = tl.where(kl_kind == 1, 1.0, tl.where(kl_kind == 2, -d, (1.0 - exp_d) * d3_slope * k3_slope))
     loss = pg + tl.where(beta > 0, beta * kl, 0.0)  # where, not a product: ref may be absent when beta = 0
     d_lp = d_pg + tl.where(beta > 0, beta * d_kl, 0.0)
     loss = tl.where(entropy_coef != 0, loss - entropy_coef * ent, loss)
@@ -113,8 +145,10 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
 
 @triton.jit
 def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low,
-                    eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap):
-    """Loads the token inputs of ``rows`` and returns ``(w_t, l_t, dl_t/dlp_t)``."""
+                    eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
+                    log_ratio_clamp, kl_clamp):
+    """Loads the token inputs of ``rows``; returns ``(w_t, w_t l_t, w_t dl_t/dlp_t)``, both products exactly 0
+    where ``w_t = 0`` (a masked token's inputs and log-prob may be NaN or inf: 0 * NaN would be NaN)."""
     adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     is_expert = tl.load(expert_ptr + rows, mask=row_ok, other=0) != 0
@@ -122,5 +156,7 @@ def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, 
     ref = tl.load(ref_ptr + rows, mask=row_ok & (beta > 0), other=0.0)
     beh = tl.load(beh_ptr + rows, mask=row_ok & ((expert_mode == 1) | (tis_cap > 0)), other=0.0)
     loss, d_lp = token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta,
-                            kl_kind, entropy_coef, expert_mode, shaping_gamma, tis_cap)
-    return w, loss, d_lp
+                            kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp,
+                            kl_clamp)
+    active = w != 0
+    return w, tl.where(active, w * loss, 0.0), tl.where(active, w * d_lp, 0.0)
