@@ -91,7 +91,7 @@ def verl_batch(seed, dtype=torch.float32, temperature=1.0):
     with torch.no_grad():
         logits = hidden.double() @ weight.double().T / temperature
         lp = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
-    # old and ref near the policy: verl's k3 clamp at 10 (which the fused loss omits) stays inactive
+    # old and ref near the policy: verl's clamps stay inactive (see test_matches_verl_where_its_clamps_act)
     return dict(
         hidden=hidden, weight=weight, responses=responses, mask=mask,
         advantages=torch.randn(B, 1, generator=g).expand(B, T) + 0.3 * torch.randn(B, T, generator=g),
@@ -147,6 +147,24 @@ def test_matches_verl_with_global_batch_info_kl_entropy_and_is_weights(mode):
 def test_kl_loss_types(kl_type):
     cfg = actor_config(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type=kl_type)
     compare("seq-mean-token-mean", cfg, verl_batch(2))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_matches_verl_where_its_clamps_act(mode):
+    """Old log-probs 30 nats away (log-ratio clamped at 20) and reference 4-6 nats away (k3 clamped at 10)."""
+    batch = verl_batch(7)
+    g = torch.Generator().manual_seed(8)
+    far = (torch.rand(B, T, generator=g) < 0.3) * torch.where(torch.rand(B, T, generator=g) < 0.5, 30.0, -30.0)
+    batch["old"] = batch["old"] + far
+    batch["ref"] = batch["ref"] + (torch.rand(B, T, generator=g) < 0.3) * (4.0 + 2 * torch.rand(B, T, generator=g))
+    cfg = actor_config(use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="low_var_kl", clip_ratio_c=1e9)
+    with torch.no_grad():
+        lp = torch.log_softmax(batch["hidden"].double() @ batch["weight"].double().T, -1)
+        lp = lp.gather(-1, batch["responses"][..., None])[..., 0]
+        active = batch["mask"].bool()
+        assert ((lp - batch["old"]).abs() > 20)[active].any()
+        assert (verl_kl(lp, batch["ref"].double(), "k3") >= 10)[active].any()
+    compare(mode, cfg, batch)
 
 
 def test_on_policy_without_old_log_prob():

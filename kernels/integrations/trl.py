@@ -124,7 +124,8 @@ def _unsupported_model_settings(model: torch.nn.Module, aux_loss_enabled: bool) 
     return problems
 
 
-def loss_config_for(args: GRPOConfig, *, expert_mode: str = "ratio", shaping_gamma: float = 0.1) -> LossConfig:
+def loss_config_for(args: GRPOConfig, *, expert_mode: str = "ratio", shaping_gamma: float = 0.1,
+                    is_cap: Optional[float] = None) -> LossConfig:
     """The :class:`LossConfig` equivalent to a (supported) ``GRPOConfig``."""
     return LossConfig(
         eps_low=args.epsilon,
@@ -136,6 +137,9 @@ def loss_config_for(args: GRPOConfig, *, expert_mode: str = "ratio", shaping_gam
         entropy_coef=args.entropy_coef,
         expert_mode=expert_mode,
         shaping_gamma=shaping_gamma,
+        is_cap=is_cap,
+        log_ratio_clamp=None,  # TRL exponentiates its log-ratios unclamped
+        kl_clamp=None,
         agg=AGGREGATION_OF_LOSS_TYPE[args.loss_type],
         max_len=args.max_completion_length if args.loss_type == "dr_grpo" else None,
     )
@@ -178,10 +182,10 @@ class FusedGRPOTrainer(GRPOTrainer):
     Takes GRPOTrainer's arguments, plus:
 
     loss_backend: ``backend`` of :func:`fused_linear_grpo_loss` (None: chosen by device).
-    expert_mode, shaping_gamma: ekipl's treatment of expert tokens (see :class:`LossConfig`). Expert
-        tokens are marked by an optional ``inputs["origin"]`` (``[B]`` or ``[B, T]``, 0 policy, e > 0
-        expert e) that a subclass's ``_generate_and_score_completions`` adds; ``expert_mode="is"`` also
-        reads ``inputs["behavior_per_token_logps"]`` (``[B, T]``, the expert's own log-probs).
+    expert_mode, shaping_gamma, is_cap: ekipl's treatment of expert tokens (see :class:`LossConfig`).
+        Expert tokens are marked by an optional ``inputs["origin"]`` (``[B]`` or ``[B, T]``, 0 policy,
+        e > 0 expert e) that a subclass's ``_generate_and_score_completions`` adds; ``expert_mode="is"``
+        also reads ``inputs["behavior_per_token_logps"]`` (``[B, T]``, the expert's own log-probs).
 
     Mapping (TRL name -> LossConfig): epsilon -> eps_low, epsilon_high -> eps_high, delta -> dual_clip,
     beta -> beta with the k3 KL, temperature -> temperature, entropy_coef -> entropy_coef (bnpo only),
@@ -201,16 +205,18 @@ class FusedGRPOTrainer(GRPOTrainer):
         loss_backend: Optional[str] = None,
         expert_mode: str = "ratio",
         shaping_gamma: float = 0.1,
+        is_cap: Optional[float] = None,
         **trainer_kwargs,
     ):
+        expert = dict(expert_mode=expert_mode, shaping_gamma=shaping_gamma, is_cap=is_cap)
         if args is not None:  # fail before TRL loads models or starts vLLM
             _raise_if_any(unsupported_grpo_settings(args))
-            loss_config_for(args, expert_mode=expert_mode, shaping_gamma=shaping_gamma)
+            loss_config_for(args, **expert)
         super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
         _raise_if_any(unsupported_grpo_settings(self.args))
         patched = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _raise_if_any(_unsupported_model_settings(patched, self.aux_loss_enabled))
-        self.fused_loss_config = loss_config_for(self.args, expert_mode=expert_mode, shaping_gamma=shaping_gamma)
+        self.fused_loss_config = loss_config_for(self.args, **expert)
         self.loss_backend = loss_backend
         _install_hidden_state_forward(patched)
 
@@ -254,6 +260,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             behavior_logprobs=packed(inputs.get("behavior_per_token_logps")),
             normalizer=self._normalizer(inputs, mask, train),
             config=self.fused_loss_config,
+            advantage_level="token",
             backend=self.loss_backend,
         )
         targets = completion_ids[keep]

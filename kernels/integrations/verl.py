@@ -17,8 +17,8 @@ Because ``log_prob`` never exists as a differentiable tensor, the KL loss (``use
 after the policy loss are folded into the returned loss, with the same aggregation: the actor must
 not add them again.
 
-Differences from verl, by design: verl clamps the log-ratio to [-20, 20] and the k3 KL to [-10, 10];
-the fused loss does not clamp (the two agree wherever the clamps are inactive). verl's
+The log-ratio is clamped to [-20, 20] before exp and the k3 KL to [-10, 10], as verl does (the
+defaults of ``LossConfig.log_ratio_clamp`` and ``kl_clamp``). Difference from verl, by design: verl's
 ``seq-mean-token-mean`` adds 1e-8 to each sequence's token count; the fused loss divides exactly.
 No verl import: this module reads ``config`` by attribute (verl's ``ActorConfig``, an OmegaConf
 ``DictConfig`` or any object with the same fields).
@@ -58,7 +58,7 @@ class FusedLogProbInputs:
     ref_log_prob: ``[B, T]`` reference log-probs; required when ``config.use_kl_loss``.
     origin: optional ``[B, T]`` (or ``[B]``) ints, 0 for policy tokens and e > 0 for tokens of expert e.
     behavior_log_prob: ``[B, T]`` the expert's own log-probs, for ``expert_mode="is"``.
-    expert_mode, shaping_gamma: ekipl's treatment of expert tokens (see :class:`LossConfig`).
+    expert_mode, shaping_gamma, is_cap: ekipl's treatment of expert tokens (see :class:`LossConfig`).
     backend: ``backend`` of :func:`fused_linear_grpo_loss` (None: chosen by device).
     """
 
@@ -71,6 +71,7 @@ class FusedLogProbInputs:
     behavior_log_prob: Optional[torch.Tensor] = None
     expert_mode: str = "ratio"
     shaping_gamma: float = 0.1
+    is_cap: Optional[float] = None
     backend: Optional[str] = None
 
 
@@ -107,6 +108,9 @@ def loss_config_for(config: Any, loss_agg_mode: str, head: FusedLogProbInputs, r
         entropy_coef=float(_setting(config, "entropy_coeff", 0.0)),
         expert_mode=head.expert_mode,
         shaping_gamma=head.shaping_gamma,
+        is_cap=head.is_cap,
+        log_ratio_clamp=20.0,  # verl's clamps of the log-ratio and of k3
+        kl_clamp=10.0,
         agg=AGGREGATION_OF_AGG_MODE[loss_agg_mode],
         max_len=int(batch_info.get("loss_scale_factor") or response_length)
         if loss_agg_mode == "seq-mean-token-sum-norm" else None,
@@ -114,15 +118,20 @@ def loss_config_for(config: Any, loss_agg_mode: str, head: FusedLogProbInputs, r
 
 
 def _normalizer(loss_agg_mode: str, mask: torch.Tensor, batch_info: dict) -> torch.Tensor:
-    """The count verl's ``agg_loss`` divides by (``global_batch_info`` included), over its data-parallel size."""
+    """The count verl's ``agg_loss`` divides by (``global_batch_info`` included), over its data-parallel size.
+
+    A local count is at least 1 (the normaliser must be > 0): with nothing unmasked the loss is 0 anyway.
+    """
     dp_size = batch_info.get("dp_size") or 1
     if loss_agg_mode == "token-mean":
         tokens = batch_info.get("batch_num_tokens")
-        return torch.as_tensor(mask.sum() if tokens is None else tokens, dtype=torch.float32, device=mask.device) / dp_size
+        if tokens is None:
+            tokens = mask.sum().clamp(min=1)
+        return torch.as_tensor(tokens, dtype=torch.float32, device=mask.device) / dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         sequences = batch_info.get("global_batch_size")
         if sequences is None:  # verl leaves fully masked sequences out of the count
-            sequences = (mask.sum(-1) > 0).sum()
+            sequences = (mask.sum(-1) > 0).sum().clamp(min=1)
         return torch.as_tensor(sequences, dtype=torch.float32, device=mask.device) / dp_size
     return torch.ones((), device=mask.device)  # seq-mean-token-sum-norm: sum / loss_scale_factor only
 
@@ -190,24 +199,25 @@ def compute_policy_loss_fused(
         behavior_logprobs=packed(head.behavior_log_prob),
         normalizer=_normalizer(loss_agg_mode, response_mask, _setting(config, "global_batch_info", {})),
         config=loss_config,
+        advantage_level="token",
         backend=head.backend,
     )
-    metrics = _verl_metrics(out.logprobs, old, advantages[keep].float(), loss_config.eps_low, loss_config.eps_high,
-                            loss_config.dual_clip)
+    metrics = _verl_metrics(out.logprobs, old, advantages[keep].float(), loss_config)
     metrics.update({f"ekipl/{name}": value for name, value in out.stats.items()})
     return out.loss, metrics
 
 
 @torch.no_grad()
-def _verl_metrics(lp, old, adv, eps_low, eps_high, dual_clip) -> dict[str, float]:
+def _verl_metrics(lp, old, adv, config: LossConfig) -> dict[str, float]:
     """verl's vanilla-loss metrics over the unmasked tokens (0 when there are none)."""
-    log_ratio = torch.zeros_like(lp) if old is None else lp - old.float()
+    bound = config.log_ratio_clamp
+    log_ratio = torch.zeros_like(lp) if old is None else (lp - old.float()).clamp(-bound, bound)
     ratio = torch.exp(log_ratio)
     surrogate = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    clipped = -adv * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     mean = lambda x: float(x.float().mean()) if x.numel() else 0.0  # noqa: E731
     return {
         "actor/pg_clipfrac": mean(clipped > surrogate),
         "actor/ppo_kl": mean(-log_ratio),
-        "actor/pg_clipfrac_lower": mean((torch.maximum(surrogate, clipped) > -adv * dual_clip) & (adv < 0)),
+        "actor/pg_clipfrac_lower": mean((torch.maximum(surrogate, clipped) > -adv * config.dual_clip) & (adv < 0)),
     }
