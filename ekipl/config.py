@@ -54,10 +54,14 @@ class RunConfig:
     """output_dir: where metrics, checkpoints, the HF export and plots go. seed: everything derives
     from it. max_steps: EKIPL steps. save_every: checkpoint period (0: only at the end). keep_last:
     checkpoints kept. resume: "auto" (latest in output_dir), "never", or a checkpoint folder.
+    allow_config_change: on resume, accept a config that differs from the checkpoint's beyond the
+    run-length, evaluation and logging keys (otherwise such a change is refused, naming each key).
     stop_at_step: end this invocation after that step with a checkpoint, as a job's time limit would
     (0: run to max_steps); a later run with resume "auto" continues on the same schedule.
-    eval_every: held-out evaluation period (0: only at the end; -1: never). log_every: progress-bar
-    refresh period. wandb_project: also log to Weights & Biases when set."""
+    eval_every: held-out evaluation period (0: only at the end; -1: never). eval_at_start: also evaluate
+    before the first step (the step-0 point of the curves; skipped when eval_every is -1). log_every:
+    period of the console's metrics line (a progress bar's summary on a terminal).
+    wandb_project: also log to Weights & Biases when set."""
 
     output_dir: str = "runs/ekipl"
     seed: int = 0
@@ -65,8 +69,10 @@ class RunConfig:
     save_every: int = 50
     keep_last: int = 2
     resume: str = "auto"
+    allow_config_change: bool = False
     stop_at_step: int = 0
     eval_every: int = 0
+    eval_at_start: bool = True
     log_every: int = 1
     wandb_project: Optional[str] = None
 
@@ -234,6 +240,32 @@ class TrainConfig:
                 f"experts.prefix_samples={self.experts.prefix_samples} is invalid: expected <= "
                 f"rollout.n_policy={self.rollout.n_policy} (prefix-guided samples are some of the policy's samples)"
             )
+
+
+# Keys a resumed run may change freely: how long it runs, how it evaluates, saves and logs. Every other
+# key shapes the training itself, so a change is refused unless run.allow_config_change is set.
+RESUMABLE_KEYS = ("run.", "eval.", "data.eval_limit")
+FIXED_RUN_KEYS = ("run.seed",)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(data, (list, tuple)) and any(isinstance(item, dict) for item in data):
+        return {k: v for i, item in enumerate(data) for k, v in _flatten(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): list(data) if isinstance(data, tuple) else data}
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each key that differs between a checkpoint's config and this run's and
+    that a resumed run may not change (see RESUMABLE_KEYS)."""
+    before, after = _flatten(saved), _flatten(current)
+    conflicts = []
+    for key in sorted(before.keys() | after.keys()):
+        free = key.startswith(RESUMABLE_KEYS) and not key.startswith(FIXED_RUN_KEYS)
+        if not free and before.get(key, "<unset>") != after.get(key, "<unset>"):
+            conflicts.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
+    return conflicts
 
 
 def resolve_deepspeed_config_path(name: str) -> Path:

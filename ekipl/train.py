@@ -47,7 +47,8 @@ def _prepare_environment() -> torch.device:
 
 from ekipl import checkpoint  # noqa: E402
 from ekipl.checkpoint import CheckpointError  # noqa: E402
-from ekipl.config import TrainConfig, load_config, read_deepspeed_config  # noqa: E402
+from ekipl.console import Console  # noqa: E402
+from ekipl.config import TrainConfig, load_config, read_deepspeed_config, resume_conflicts  # noqa: E402
 from ekipl.config_loader import ConfigError, to_dict  # noqa: E402
 from ekipl.data import (  # noqa: E402
     BadRecordError, Record, check_prompt_lengths, decode_completion, encode_prompt, load_records,
@@ -110,6 +111,7 @@ class Trainer:
                 f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the number of ranks ({self.world})"
             )
         self.lock = RunLock(self.out_dir)
+        self.console = Console(enabled=False, total=cfg.run.max_steps, initial=0, log_every=cfg.run.log_every)  # run() speaks
         self._on_main_checked(self._claim_output_dir)
         self.model_path = self._model_path()
         self.train_records, self.test_records = self._datasets()
@@ -124,7 +126,12 @@ class Trainer:
         except RunFolderError:
             self.lock.release()
             raise
-        (self.out_dir / "config.resolved.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        resolved = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        (self.out_dir / "config.resolved.yaml").write_text(resolved)  # this invocation's; each one is also kept:
+        history = self.out_dir / "invocations"
+        history.mkdir(exist_ok=True)
+        number = len(list(history.glob("*.yaml"))) + 1
+        (history / f"{number:03d}-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(resolved)
 
     def _on_main_checked(self, fn) -> None:
         """Runs the check ``fn`` on rank 0 and stops every rank when it fails (no rank waits forever)."""
@@ -409,7 +416,7 @@ class Trainer:
     # -- checkpoints, evaluation, export ----------------------------------------------------------------
     def client_state(self) -> dict:
         return {"step": self.step_index, "sampler": self.sampler.state_dict(), "rng": checkpoint.rng_state(),
-                "experts": self.experts.state_dict()}
+                "experts": self.experts.state_dict(), "config": to_dict(self.cfg)}
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -427,6 +434,7 @@ class Trainer:
             path, state = found
         else:
             path, state = Path(resume), checkpoint.load_from(self.learner.engine, Path(resume))
+        self._check_resumed_config(path, state.get("config"))
         self.step_index = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -434,6 +442,21 @@ class Trainer:
         self._unjudged_checkpoint = path
         if self.is_main:
             print(f"[ekipl] resumed from {path} at step {self.step_index}", file=sys.stderr)
+
+    def _check_resumed_config(self, path: Path, saved: Optional[dict]) -> None:
+        """Refuses to continue a run under a config that changes its training (run.allow_config_change overrides)."""
+        conflicts = resume_conflicts(saved, to_dict(self.cfg)) if saved is not None else []
+        if not conflicts:
+            return
+        listing = "; ".join(conflicts)
+        if not self.cfg.run.allow_config_change:
+            raise ConfigError(
+                f"{path} was trained with another config ({listing}): continuing would silently change the run. "
+                "Use the checkpoint's values (see its run's config.resolved.yaml), start a new run.output_dir, or set "
+                "run.allow_config_change=true to continue with the new values"
+            )
+        if self.is_main:
+            print(f"[ekipl] resuming {path} with a changed config (run.allow_config_change=true): {listing}", file=sys.stderr)
 
     @property
     def healthy(self) -> bool:
@@ -450,6 +473,7 @@ class Trainer:
         path = checkpoint.save(self.learner.engine, self.checkpoint_dir, self.step_index, self.client_state(),
                                self.cfg.run.keep_last)
         self._unjudged_checkpoint = path
+        self.console.say(f"step {self.step_index}: checkpoint {path}")
         return path
 
     def _judge_latest_checkpoint(self, update: dict[str, float]) -> None:
@@ -481,7 +505,7 @@ class Trainer:
                     out_dir=self.out_dir / "eval" / f"step_{self.step_index:08d}",
                     sampling=SamplingParams(e.temperature, e.top_p, e.top_k, e.max_new_tokens), n=e.n,
                     k_values=e.k_values, max_pixels=self.cfg.data.max_pixels, max_prompt_len=self.cfg.data.max_prompt_len,
-                    seed=self.cfg.run.seed, progress=False, skip_bad_rows=self.cfg.data.skip_bad_rows,
+                    seed=self.cfg.run.seed, progress=self.console.interactive, skip_bad_rows=self.cfg.data.skip_bad_rows,
                 )
         dist.barrier()
         if not summary:
@@ -517,40 +541,37 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
-        """Steps to ``run.max_steps`` (or ``run.stop_at_step``), then the HF export and the curves.
+        """Steps to ``run.max_steps`` (or ``run.stop_at_step``), then the HF export, the curves and a summary.
 
         Each step's metrics are logged, then its checkpoint saved, then the evaluation run, so a failing
         evaluation never costs trained steps. A signal ends the run after the current step with a
         checkpoint (:class:`RunStopped`); non-finite weights are never saved or exported.
         """
-        from tqdm import tqdm
-
         cfg = self.cfg.run
         end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
         metrics: dict[str, float] = {}
         stop = StopRequest().install()
         try:
             self.resume()
+            if self.step_index >= cfg.max_steps:
+                return self._already_complete()
             logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=cfg.wandb_project, config=to_dict(self.cfg))
             logger.truncate_after(self.step_index)
-            bar = tqdm(total=cfg.max_steps, initial=self.step_index, disable=not self.is_main, desc="ekipl", dynamic_ncols=True)
+            self.console = Console(enabled=self.is_main, total=cfg.max_steps, initial=self.step_index, log_every=cfg.log_every)
             try:
+                if self.step_index == 0 and cfg.eval_at_start and cfg.eval_every >= 0:
+                    self.log_evaluation(logger)
                 while self.step_index < end and not self._stop_agreed(stop):
                     metrics = self.step()
                     logger.log(self.step_index, metrics)
+                    self.console.step(self.step_index, metrics)
                     if cfg.save_every > 0 and self.step_index % cfg.save_every == 0 or self.step_index == end:
                         self.save()
                     last = self.step_index == cfg.max_steps
                     if cfg.eval_every > 0 and self.step_index % cfg.eval_every == 0 or (last and cfg.eval_every >= 0):
-                        evaluation = self.evaluate()
-                        logger.log(self.step_index, evaluation)
-                        metrics.update(evaluation)
-                    bar.update(1)
-                    if self.step_index % cfg.log_every == 0:
-                        bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", expert=f"{metrics['groups/action_source_ratio']:.2f}",
-                                        loss=f"{metrics.get('loss', float('nan')):.3f}")
+                        metrics.update(self.log_evaluation(logger))
             finally:
-                bar.close()
+                self.console.close()
                 logger.close()
             if self.step_index < end:
                 self._stop_with_checkpoint(stop)
@@ -563,10 +584,27 @@ class Trainer:
             stop.uninstall()
             self.experts.close()
             self.lock.release()
-        self.export()
+        self.console.say(f"exported the HF model to {self.export()}")
         if self.is_main and logger.path.exists():
             plot_curves(logger.path, self.out_dir / "curves.png")
+        self.console.summary(steps_done=self.step_index, out_dir=self.out_dir)
         return metrics
+
+    def log_evaluation(self, logger: MetricsLogger) -> dict[str, float]:
+        evaluation = self.evaluate()
+        logger.log(self.step_index, evaluation)
+        self.console.evaluation(self.step_index, evaluation)
+        return evaluation
+
+    def _already_complete(self) -> dict[str, float]:
+        """A rerun of a finished run: say so, and export if the export is missing (a crash after the last step)."""
+        done = f"{self.step_index}/{self.cfg.run.max_steps}"
+        if not (self.out_dir / "hf_export" / "config.json").is_file():
+            self.export()
+        if self.is_main:
+            print(f"[ekipl] run already complete ({done} steps) in {self.out_dir}: raise run.max_steps to train further, "
+                  "or choose a new run.output_dir for a new run", file=sys.stderr)
+        return {}
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether any rank was asked to stop: every rank must leave the loop at the same step."""

@@ -72,6 +72,7 @@ def build_op(name: str, sources: Sequence[Path], extra_cflags: Sequence[str] = (
         raise _failed[name]
     folders = {Path(s).resolve().parent for s in sources}
     digest = "".join(_sources_digest(folder) for folder in sorted(folders))
+    _announce_build(name, sources)
     try:
         path = cpp_extension.load(
             name=name,
@@ -92,6 +93,19 @@ def build_op(name: str, sources: Sequence[Path], extra_cflags: Sequence[str] = (
         raise _failed[name] from exc
     _loaded[name] = path
     return path
+
+
+def _announce_build(name: str, sources: Sequence[Path]) -> None:
+    """Says so on stderr when the library is missing or older than its sources: a build takes about a minute."""
+    import sys
+
+    from torch.utils import cpp_extension
+
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    newest = max(p.stat().st_mtime for folder in {Path(s).resolve().parent for s in sources} for p in folder.glob("*.[ch]*"))
+    if not library.is_file() or library.stat().st_mtime < newest:
+        print(f"[ekipl_kernels] compiling the C++ CPU op {name} (once per machine and source change, about a minute; "
+              f"cached in {library.parent})", file=sys.stderr, flush=True)
 
 
 def load_cpu_op(verbose: bool = False) -> str:

@@ -142,7 +142,8 @@ def encode_prompt(processor, record: Record, *, max_pixels: int, max_prompt_len:
 
     text = processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
     encoded = processor(
-        text=[text], images=images, min_pixels=min_pixels, max_pixels=max_pixels, return_tensors="pt"
+        # the pixel bounds as ``size`` (min/max_pixels in the call are deprecated and warn on every prompt)
+        text=[text], images=images, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, return_tensors="pt"
     )
     input_ids = encoded["input_ids"][0].tolist()
     if len(input_ids) > max_prompt_len:
