@@ -150,10 +150,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     """engine: "hf" (transformers generate, shares the learner's module), "sglang" (in-process engine
-    colocated with the trainer) or "sglang-http" (a running server at ``url``). n_policy: policy samples
-    per prompt. temperature/top_p/top_k/max_new_tokens: sampling (Reason-RFT: top_p 0.9, top_k 50, 512
-    new tokens; top_k 0 disables top-k; temperature > 0). bucket_mb: weight-sync bucket size.
-    mem_fraction_static: SGLang's KV-cache share."""
+    colocated with the trainer) or "sglang-http" (a running server at ``url``). url: that server's address.
+    n_policy: policy samples per prompt. temperature/top_p/top_k/max_new_tokens: sampling (Reason-RFT: top_p
+    0.9, top_k 50, 512 new tokens; top_k 0 disables top-k; temperature > 0). bucket_mb: weight-sync bucket
+    size. mem_fraction_static: SGLang's KV-cache share."""
 
     engine: str = "hf"
     n_policy: int = 8
@@ -189,8 +189,11 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation, Reason-RFT's protocol: temperature 0.1 (0: greedy), top_p 0.9, top_k 50, 768
-    new tokens, one sample (n), pass@k for each k in k_values (each k between 1 and n)."""
+    """Held-out evaluation; the defaults are Reason-RFT's protocol.
+
+    temperature: sampling temperature (Reason-RFT: 0.1; 0: greedy). top_p, top_k: nucleus and top-k sampling
+    (0.9 and 50; top_k 0 disables top-k). max_new_tokens: answer length bound (768). n: samples per prompt
+    (Reason-RFT: one). k_values: pass@k is reported for each k (each k between 1 and n)."""
 
     temperature: float = 0.1
     top_p: float = 0.9
@@ -211,7 +214,11 @@ class EvalConfig:
 class TrainConfig:
     """The whole training config. ``loss.temperature``, when not given, is ``rollout.temperature``: the
     trainer's log-probs then describe the distribution the answers were sampled from. A different value
-    is refused when the loss divides by the sampler's log-probs (``loss.tis_cap`` or ``expert_mode: is``)."""
+    is refused when the loss divides by the sampler's log-probs (``loss.tis_cap`` or ``expert_mode: is``).
+
+    rewards: the reward functions summed into each answer's reward, by registry name (``format``,
+    ``accuracy``, ...) or as ``module:function``; unset (null): the task family's (format + accuracy, or
+    format + trance)."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
