@@ -27,11 +27,14 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.') or 'config'}' must be a mapping; got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(names)}")
+        if isinstance(value, _ListEdits):  # item overrides of a list the YAML leaves at its default
+            value = value.apply(to_dict(_field_default(fields[key])), f"{prefix}{key}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
@@ -135,16 +138,97 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Sets each dotted key of ``overrides`` in ``data`` (the YAML mapping), in order.
+
+    A numeric part indexes a list: ``experts.experts.0.k`` sets key ``k`` of the first expert,
+    ``eval.k_values.1`` the second item of a list of scalars. A list the YAML does not hold is edited
+    when :func:`from_dict` knows its default; an index out of range is a :class:`ConfigError` naming the
+    key and the list's length.
+    """
     for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        parts = dotted.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[:depth])
+            key: Any = _list_index(node, part, dotted, here) if isinstance(node, (list, _ListEdits)) else part
+            if isinstance(node, _ListEdits):
+                node.keys_set.setdefault(key, dotted)  # named in the error if the index is out of range
+            if depth == len(parts) - 1:
+                node[key] = value
+                break
+            child = node[key] if isinstance(node, list) else node.get(key)
+            if child is None:  # a missing section, or a missing list when the next part is an index
+                pending = isinstance(node, (_ListEdits, _Edits))  # edits of a default, merged by from_dict
+                child = node[key] = _ListEdits() if parts[depth + 1].isdigit() else _Edits() if pending else {}
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"cannot set '{dotted}': '{'.'.join(parts[:depth + 1])}' is not a section or a list")
             node = child
-        node[leaf] = value
     return data
+
+
+class _Edits(dict):
+    """Overrides of keys inside an item of a list that is still its default: merged into the item."""
+
+
+class _ListEdits(dict):
+    """Item overrides (index -> value, or -> :class:`_Edits`) of a list the YAML does not hold:
+    :func:`from_dict` applies them to the field's default, whose length it then knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys_set: dict[int, str] = {}  # index -> the first override that set it
+
+    def apply(self, base: Any, key: str) -> list[Any]:
+        if not isinstance(base, list):
+            raise ConfigError(
+                f"cannot set '{self.keys_set[min(self)]}': '{key}' is not a list (its default is {base!r}); "
+                f"give the whole list as --{key}=[...]"
+            )
+        items = list(base)
+        for index, edit in sorted(self.items()):
+            if index >= len(items):
+                raise ConfigError(_out_of_range(self.keys_set[index], key, index, len(items)))
+            items[index] = _merge(items[index], edit, f"{key}.{index}")
+        return items
+
+
+def _merge(base: Any, edit: Any, key: str) -> Any:
+    if isinstance(edit, _ListEdits):
+        return edit.apply(base, key)
+    if isinstance(edit, _Edits):
+        merged = dict(base) if isinstance(base, dict) else {}
+        for name, value in edit.items():
+            merged[name] = _merge(merged.get(name), value, f"{key}.{name}")
+        return merged
+    return edit  # a whole value replaces the default's
+
+
+def _list_index(node: Any, part: str, dotted: str, where: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"cannot set '{dotted}': '{where}' is a list; index its items as {where}.0, {where}.1, ...")
+    index = int(part)
+    if isinstance(node, list) and index >= len(node):
+        raise ConfigError(_out_of_range(dotted, where, index, len(node)))
+    return index
+
+
+def _out_of_range(dotted: str, where: str, index: int, length: int) -> str:
+    valid = f"valid indices 0..{length - 1}" if length else "it is empty"
+    return (f"cannot set '{dotted}': index {index} is out of range, '{where}' has {length} item"
+            f"{'' if length == 1 else 's'} ({valid}); give the whole list as --{where}=[...]")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return []
+
+
+def config_yaml(cfg: Any) -> str:
+    """A config as YAML: what ``--print-config`` prints and what a run saves as ``config.resolved.yaml``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

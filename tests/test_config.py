@@ -1,5 +1,6 @@
 """Typed configs: YAML + dotted overrides, validation errors that name the key, shipped configs load."""
 
+import json
 import re
 import sys
 import warnings
@@ -235,3 +236,159 @@ def test_a_loss_temperature_unlike_the_samplers_is_refused_when_the_ratio_uses_s
     with pytest.raises(ConfigError, match=r"loss.temperature=0.9 differs from rollout.temperature=0.7"):
         load_config(None, {"rollout.temperature": 0.7, "loss.temperature": 0.9, **uses_sampler_logprobs})
     assert load_config(None, {"rollout.temperature": 0.7, **uses_sampler_logprobs}).loss.temperature == 0.7
+
+
+# -- issue 14.3: list-item overrides, the generated config reference (--help, docs/config.md), --print-config ---
+
+EXPERTS_2 = "--experts.experts=[{name: a, kind: oracle}, {name: b, kind: oracle, k: 2}]"
+
+
+def test_list_item_overrides_set_one_key_of_one_item():
+    cfg = load_config(None, [EXPERTS_2, "--experts.experts.1.k=3", "--experts.experts.0.sampling.top_k", "7"])
+    a, b = cfg.experts.experts
+    assert (a.name, a.k, a.sampling.top_k, b.name, b.k, b.sampling.top_k) == ("a", 1, 7, "b", 3, 50)
+    # lists of scalars: the YAML's list, or the default when the YAML has none
+    assert load_config(None, {"eval.n": 4, "eval.k_values": [1, 2], "eval.k_values.1": 4}).eval.k_values == (1, 4)
+    assert load_config(None, ["--optim.betas.1=0.99"]).optim.betas == (0.9, 0.99)
+
+
+def test_list_item_overrides_edit_the_yaml_files_list(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experts:\n  experts:\n    - {name: a, kind: oracle, k: 2, error_rate: 0.5}\n")
+    expert = load_config(path, ["--experts.experts.0.k=4"]).experts.experts[0]
+    assert (expert.k, expert.error_rate) == (4, 0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--experts.experts.0.k=3"], r"'experts.experts.0.k': index 0 is out of range, 'experts.experts' has 0 items"),
+        ([EXPERTS_2, "--experts.experts.2.k=3"],
+         r"'experts.experts.2.k': index 2 is out of range, 'experts.experts' has 2 items \(valid indices 0..1\)"),
+        (["--eval.k_values.1=4"], r"'eval.k_values.1': index 1 is out of range, 'eval.k_values' has 1 item"),
+        ([EXPERTS_2, "--experts.experts.first.k=3"], r"'experts.experts' is a list; index its items"),
+        (["--rewards.0=format"], r"'rewards.0': 'rewards' is not a list \(its default is None\)"),
+        ([EXPERTS_2, "--experts.experts.1.k.x=1"], r"'experts.experts.1.k' is not a section or a list"),
+        ([EXPERTS_2, "--experts.experts.0.k.x=1"], r"'experts.experts\[0\].k' must be an integer"),
+        ([EXPERTS_2, "--experts.experts.0.kk=1"], r"unknown config key 'experts.experts\[0\].kk'"),
+    ],
+)
+def test_bad_list_item_overrides_name_the_key_and_the_length(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_every_resolved_key_is_an_override_that_round_trips():
+    """The keys of a saved config (``experts.experts.0.k``, as resume conflicts name them) can be given back."""
+    from ekipl.config import _flatten
+
+    cfg = load_config(None, [EXPERTS_2, "--eval.n=2", "--eval.k_values=[1, 2]"])
+    flat = _flatten(to_dict(cfg))
+    assert "experts.experts.1.sampling.top_k" in flat and "eval.k_values" in flat
+    items = "--experts.experts=[{name: x, kind: oracle}, {name: y, kind: oracle}]"  # indices address existing items
+    assert load_config(None, [items, *(f"--{key}={json.dumps(value)}" for key, value in flat.items())]) == cfg
+
+
+def test_every_config_key_has_a_doc():
+    from ekipl.config_reference import doc_problems
+
+    problems = doc_problems()
+    assert not problems, "document each knob once in its dataclass's docstring ('name: text'):\n" + "\n".join(problems)
+
+
+def test_the_reference_lists_every_resolved_key():
+    from ekipl.config import _flatten
+    from ekipl.config_reference import all_entries
+
+    keys = {entry.key for entry in all_entries()}
+    cfg = load_config(None, ["--experts.experts=[{name: a, kind: oracle}]"])
+    listed = {re.sub(r"\.\d+(?=\.|$)", "[]", key) for key in _flatten(to_dict(cfg))}
+    assert listed - {"experts.experts[]"} <= keys, listed - keys
+    assert {"experts.experts", "experts.experts[].k", "experts.experts[].sampling.top_k", "rewards"} <= keys
+
+
+def test_docs_config_md_is_generated_from_the_dataclasses():
+    from ekipl.config_reference import REGENERATE, render_markdown
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert path.is_file() and path.read_text() == render_markdown(), f"docs/config.md is stale: run {REGENERATE}"
+
+
+def test_help_shows_each_key_with_type_default_and_doc_wrapped():
+    from ekipl.config_reference import cli_parser, config_help
+
+    text = config_help(width=80)
+    for expected in ("run (ekipl.config.RunConfig):", "loss (ekipl_kernels.config.LossConfig):",
+                     "  optim.lr (float, default: 1.0e-06)\n      AdamW",
+                     "  loss.beta (float, default: 0.04)",  # the trainer's default, not LossConfig's
+                     "  loss.temperature (float, default: rollout.temperature (1.0))",
+                     "  experts.experts[].name (str, required)\n      unique label",
+                     "  experts.experts[].k (int, default: 1)\n      answers per prompt.",
+                     "  eval.k_values (list[int], default: [1])",
+                     "  rewards (list[str] | null, default: null)",
+                     "  optim.betas ([float, float], default: [0.9, 0.999])"):
+        assert expected in text, expected
+    assert max(len(line) for line in text.splitlines() if " " in line.strip()) <= 80
+    full = cli_parser("EKIPL training.").format_help()
+    assert "--print-config" in full and "--config FILE" in full and full.endswith(config_help())
+
+
+def test_cli_parser_leaves_overrides_and_takes_deepspeeds_local_rank():
+    from ekipl.config_reference import cli_parser
+
+    args, overrides = cli_parser().parse_known_args(
+        ["--config", "c.yaml", "--group.size", "4", "--local_rank=1", "--print-config", "--optim.lr=1e-5", "--print"])
+    assert (args.config, args.print_config, args.local_rank) == ("c.yaml", True, 1)
+    assert overrides == ["--group.size", "4", "--optim.lr=1e-5", "--print"]  # no abbreviation is taken
+
+
+def test_print_config_yaml_is_the_saved_resolved_config_and_loads_back():
+    import yaml
+
+    from ekipl.config_loader import config_yaml, from_dict
+
+    cfg = load_config(None, [EXPERTS_2, "--optim.lr=1e-5"])
+    text = config_yaml(cfg)
+    assert text == yaml.safe_dump(to_dict(cfg), sort_keys=False)  # as ekipl/train.py saves config.resolved.yaml
+    assert from_dict(TrainConfig, yaml.safe_load(text)) == cfg
+
+
+def test_docstring_parser_reads_the_styles_in_use():
+    from dataclasses import dataclass
+
+    from ekipl.config_reference import parse_class_docs
+
+    @dataclass
+    class Example:
+        """Summary line.
+
+        size: G, the group size. With ``select: all`` it is ignored.
+        select: "topg" or "all"; an expert model: never a header mid-sentence.
+        lr, beta: shared text. warmup / other_key: shared too;
+            continued on an indented line. mode: flowing style (0: off).
+        name: see :meth:`Learner.update`.
+
+        A closing note.
+        """
+
+        size: int = 8
+        select: str = "topg"
+        lr: float = 1.0
+        beta: float = 0.0
+        warmup: int = 0
+        other_key: int = 0
+        mode: int = 0
+        name: str = ""
+        model: str = ""
+
+    docs = parse_class_docs(Example)
+    assert docs.fields == {
+        "size": "G, the group size. With `select: all` it is ignored.",
+        "select": '"topg" or "all"; an expert model: never a header mid-sentence.',
+        "lr": "shared text.", "beta": "shared text.",
+        "warmup": "shared too; continued on an indented line.",
+        "other_key": "shared too; continued on an indented line.",
+        "mode": "flowing style (0: off).",
+        "name": "see `Learner.update`.",
+    }
+    assert docs.intro == "Summary line. A closing note." and docs.repeated == ()
