@@ -24,7 +24,6 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
     sys.path.pop(0)  # run as a script: don't let ekipl/'s modules shadow top-level packages
 
 import torch
-import yaml
 
 
 def _prepare_environment() -> torch.device:
@@ -49,7 +48,8 @@ from ekipl import checkpoint  # noqa: E402
 from ekipl.checkpoint import CheckpointError  # noqa: E402
 from ekipl.console import Console  # noqa: E402
 from ekipl.config import TrainConfig, load_config, read_deepspeed_config, resume_conflicts  # noqa: E402
-from ekipl.config_loader import ConfigError, to_dict  # noqa: E402
+from ekipl.config_loader import ConfigError, config_yaml, to_dict  # noqa: E402
+from ekipl.config_reference import cli_parser  # noqa: E402
 from ekipl.data import (  # noqa: E402
     BadRecordError, Record, check_prompt_lengths, decode_completion, encode_prompt, load_records,
 )
@@ -126,7 +126,7 @@ class Trainer:
         except RunFolderError:
             self.lock.release()
             raise
-        resolved = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        resolved = config_yaml(self.cfg)
         (self.out_dir / "config.resolved.yaml").write_text(resolved)  # this invocation's; each one is also kept:
         history = self.out_dir / "invocations"
         history.mkdir(exist_ok=True)
@@ -619,14 +619,13 @@ class Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s --config FILE [--section.key=value ...]")
-    parser.add_argument("--config", help="YAML training config (configs/*.yaml); omitted: the built-in defaults")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser = cli_parser(description=__doc__.split("\n\n")[0])  # --config, --print-config; --help lists every key
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         Trainer(cfg).run()
     except RunStopped as exc:
         print(f"ekipl: {exc}", file=sys.stderr)

@@ -51,3 +51,18 @@ def test_run_length_evaluation_and_logging_keys_may_change_on_resume(allowed):
     assert resume_conflicts(before, to_dict(load_config(None, allowed))) == []
     assert resume_conflicts(before, to_dict(load_config(None, {"run.seed": 1}))) == ["run.seed: 0 -> 1"]
     assert resume_conflicts(before, to_dict(load_config(None, {"experts.experts": [{"name": "o", "kind": "oracle"}]})))
+
+
+def test_print_config_and_help_list_the_resolved_keys(capsys):
+    import yaml
+
+    from ekipl.train import main
+
+    assert main(["--print-config", "--optim.lr=1e-5", "--rollout.temperature=0.7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 1e-5 and printed["loss"]["temperature"] == 0.7
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--print-config" in out and "optim.lr" in out and "experts.experts[].k" in out
