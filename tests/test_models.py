@@ -104,11 +104,34 @@ def test_processor_saves_as_the_stock_class_that_autoprocessor_can_load(processo
     # must be findable, as it is for the original Qwen checkpoints (the image processor's).
     video_config, _ = BaseVideoProcessor.get_video_processor_dict(str(tmp_path))
     assert video_config["patch_size"] == 14 and video_config["merge_size"] == 2
+    # ... and its class follows from the image processor's name, as for Qwen's checkpoints
+    assert video_config["image_processor_type"] == "Qwen2VLImageProcessor"
     reloaded = load_processor(tmp_path)
     image = random_image(np.random.default_rng(1), 90, 60)
     prompt, again = (chat_prompt(p, "q", "How many?", [image]) for p in (processor, reloaded))
     assert prompt.input_ids == again.input_ids
     assert torch.equal(prompt.mm_inputs["pixel_values"], again.mm_inputs["pixel_values"])
+
+
+def test_autoprocessor_loads_a_saved_processor_wherever_torchvision_does(processor, tmp_path):
+    """Stock AutoProcessor always builds the Qwen-VL processor's video processor, which needs torchvision in every
+    supported transformers (Qwen's own checkpoints alike): with torchvision it loads what ekipl saves and encodes
+    alike; without (the CPU set-up) that video processor is the one thing it lacks, and load_processor serves."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    if not is_torchvision_available():
+        with pytest.raises(ImportError, match="Qwen2VLVideoProcessor requires the Torchvision library"):
+            AutoProcessor.from_pretrained(tmp_path)
+        return
+    stock = AutoProcessor.from_pretrained(tmp_path)
+    assert type(stock).__name__ == "Qwen2_5_VLProcessor"
+    image = random_image(np.random.default_rng(2), 80, 120)
+    prompt, again = (chat_prompt(p, "q", "How many?", [image]) for p in (processor, stock))
+    assert prompt.input_ids == again.input_ids
+    assert torch.allclose(prompt.mm_inputs["pixel_values"], again.mm_inputs["pixel_values"], atol=1e-2)
 
 
 def test_forward_and_generate_with_an_image(policy, processor):
