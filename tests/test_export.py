@@ -40,7 +40,7 @@ question = (record["problem"] + " Output the thinking process in <think> </think
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
 answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
 print(answer.split("<|im_end|>")[0])  # <think>...</think> <answer>...</answer>
 '''
