@@ -8,10 +8,12 @@ the backward, exactly as it would for the head's own forward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -22,20 +24,27 @@ from torch import nn
 from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 
 from .models import last_hidden_states
-from .packing import MicroBatch, TrainSequence, make_micro_batch
+from .packing import MicroBatch, TrainSequence, make_micro_batch, make_placeholder_micro_batch
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser, schedule and the shape of the update.
 
-    lr, weight_decay, betas: AdamW (lr > 0, weight_decay >= 0, each beta in [0, 1)). warmup_steps: linear
-    warm-up; then ``schedule`` "cosine" (to ``min_lr_ratio * lr`` at ``run.max_steps``, ratio in [0, 1]) or
-    "constant". grad_clip: global norm (0 disables).
+    lr, weight_decay, betas: AdamW (lr > 0, weight_decay >= 0, each beta in [0, 1)).
+    warmup_steps: step ``s < warmup_steps`` trains at ``lr * (s + 1) / warmup_steps``.
+    schedule: after the warm-up, "cosine" decays to ``min_lr_ratio * lr``, reached at the last step
+    (``run.max_steps - 1``), or "constant" holds ``lr``. The schedule counts EKIPL steps (``run.max_steps``),
+    not optimiser steps: it advances once per update, however many optimiser steps that update takes
+    (``ppo_epochs`` x mini-batches, and the mini-batch count varies from step to step with group selection),
+    so every optimiser step of one EKIPL step uses the same lr. min_lr_ratio: the floor of "cosine", as a
+    share of ``lr`` (in [0, 1]). grad_clip: global norm (0 disables).
     ppo_epochs: passes over each rollout (Reason-RFT: 1, one update per rollout). mini_batch_size:
     sequences per optimiser step per rank (0 = the whole rollout). micro_batch_size: sequences per
-    forward/backward (gradient accumulation up to the mini-batch). max_bad_steps: consecutive steps with
-    a non-finite loss that are skipped before the run stops.
+    forward/backward (gradient accumulation up to the mini-batch). Ranks hold different numbers of
+    sequences; every rank runs as many mini-batches, and micro-batches in each, as the rank with the most,
+    padding with placeholder micro-batches that add nothing (see :meth:`Learner.update`). max_bad_steps:
+    consecutive steps with a non-finite loss that are skipped before the run stops.
     """
 
     lr: float = 1e-6
@@ -117,6 +126,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_main_rank() -> bool:
+    return world_size() == 1 or dist.get_rank() == 0
+
+
 def all_reduce_sum(value: float, device: torch.device) -> float:
     if world_size() == 1:
         return value
@@ -125,7 +138,32 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_int(value: int, device: torch.device) -> list[int]:
+    """``value`` of every rank, in rank order."""
+    if world_size() == 1:
+        return [value]
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(gathered, t)
+    return [int(g.item()) for g in gathered]
+
+
 def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """``cfg``'s lr factor at EKIPL step ``step`` (see :class:`OptimConfig`).
+
+    Written out rather than taken from transformers: its warm-up helpers train step 0 at lr 0, and its
+    ``..._warmup_lr_rate`` cosine trains the last step at ``min_lr_ratio`` (0 by default); either wastes a whole
+    step's rollout, and a one-step run would not train at all.
+    """
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -137,8 +175,49 @@ def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
+class StepSchedule:
+    """The lr schedule, advanced once per EKIPL step by :meth:`Learner.update` (:meth:`advance`).
+
+    DeepSpeed holds it so that its checkpoints save and restore it, and calls :meth:`step` after every
+    optimiser step; an EKIPL step takes several of those (and a varying number), so :meth:`step` does nothing.
+    """
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+
+    def step(self, *args, **kwargs) -> None:
+        """DeepSpeed's per-optimiser-step call: the schedule does not move within an EKIPL step."""
+
+    def advance(self) -> None:
+        self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _placeholder_template(seqs: Sequence[TrainSequence]) -> Optional[TrainSequence]:
+    """The sequence placeholder micro-batches copy: one with completion tokens, so that they reach the LM head."""
+    return next((s for s in seqs if s.num_tokens), seqs[0]) if seqs else None
+
+
 class Learner:
-    """Owns the DeepSpeed engine, the frozen reference model and the update."""
+    """Owns the DeepSpeed engine, the frozen reference model and the update.
+
+    offload_reference: keep the reference model in host memory and bring it onto the learner's device only
+    for its log-prob pass (:meth:`fill_logprobs`), then back; a reference handed over on another device than
+    the learner's is treated the same way. expert_names: the experts' names in origin order (origin ``e`` is
+    ``expert_names[e - 1]``), for warnings.
+    """
 
     def __init__(
         self,
@@ -150,64 +229,149 @@ class Learner:
         max_steps: int,
         pad_id: int,
         reference: Optional[nn.Module] = None,
+        offload_reference: bool = False,
+        expert_names: Sequence[str] = (),
     ) -> None:
         import deepspeed
 
         self.loss_cfg, self.optim_cfg, self.pad_id = loss, optim, pad_id
+        self.expert_names = list(expert_names)
+        if loss.beta > 0 and reference is None:
+            # copied before DeepSpeed wraps the policy: ZeRO-3 partitions its weights in place
+            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if reference is not None and offload_reference:
+            reference = reference.to("cpu")
+        self.reference = reference
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=PolicyLoss(policy), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        self.schedule = StepSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps)))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=PolicyLoss(policy), optimizer=optimizer, lr_scheduler=self.schedule, config=ds_config
         )
         self.device = self.engine.device
-        self.reference = reference
-        if loss.beta > 0 and reference is None:
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.bad_steps = 0
+        self._warned_without_behavior: set[str] = set()
 
     @property
     def model(self) -> nn.Module:
         """The policy itself (transformers names), inside the engine's wrapper."""
         return self.engine.module.policy
 
+    # -- how the work is split --------------------------------------------------------------------------
+    # Ranks hold different numbers of sequences (group selection, skipped prompts). Under ZeRO-3 every forward
+    # and backward gathers parameters, a collective, and at every stage each optimiser step reduces gradients:
+    # so every rank runs the same number of mini-batches, and of micro-batches in each, as the rank with the
+    # most, padding with placeholder micro-batches whose loss and gradients are exactly zero. A short rank
+    # would otherwise wait at the next collective anyway, so the padding costs no wall time.
+
+    def _mini_batches(self, seqs: Sequence[TrainSequence], counts: Sequence[int]):
+        """This rank's mini-batches (some maybe empty) and the micro-batch count every rank runs in each."""
+        def sizes(n: int) -> list[int]:
+            size = self.optim_cfg.mini_batch_size or n
+            return [min(size, n - start) for start in range(0, n, size)] if n else []
+
+        per_rank = [sizes(n) for n in counts]
+        num_mini = max(len(s) for s in per_rank)
+        micro = self.optim_cfg.micro_batch_size
+        micro_counts = [max(math.ceil(s[j] / micro) if j < len(s) else 0 for s in per_rank) for j in range(num_mini)]
+        bounds = [0]
+        for size in sizes(len(seqs)):
+            bounds.append(bounds[-1] + size)
+        mine = [seqs[a:b] for a, b in zip(bounds, bounds[1:])]
+        return mine + [[]] * (num_mini - len(mine)), micro_counts
+
+    def _template(self, seqs: Sequence[TrainSequence], counts: Sequence[int]) -> Optional[TrainSequence]:
+        """What this rank's placeholders copy. A rank without sequences borrows one from the first rank with some,
+        so that its placeholders run the same modules (the vision tower included) as the others' micro-batches."""
+        if min(counts) > 0 or max(counts) == 0:
+            return _placeholder_template(seqs)
+        box = [_placeholder_template(seqs)]
+        dist.broadcast_object_list(box, src=next(r for r, n in enumerate(counts) if n), device=self.device)
+        return _placeholder_template(seqs) or box[0]
+
+    def needs_old_logprobs(self, seqs: Sequence[TrainSequence]) -> bool:
+        """Whether the update needs old log-probs, the same answer on every rank: not when it is one optimiser step
+        (pi_old is then pi_theta, ratio 1), unless the loss reads behaviour log-probs (missing ones fall back to old)."""
+        mini_batches, _ = self._mini_batches(seqs, all_gather_int(len(seqs), self.device))
+        return self.optim_cfg.ppo_epochs > 1 or len(mini_batches) > 1 or self.loss_cfg.needs_behavior
+
     # -- log-probs -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fill_logprobs(self, seqs: Sequence[TrainSequence], *, old: bool) -> float:
-        """Teacher-forced log-probs of every completion token: old (the policy now) and/or reference."""
+    def fill_logprobs(self, seqs: Sequence[TrainSequence], *, old: Optional[bool] = None) -> float:
+        """Teacher-forced log-probs of every completion token: old (the policy now) and/or reference.
+
+        ``old``: None computes them when the update needs them (:meth:`needs_old_logprobs`); a rank asked for
+        them computes them on every rank, so that all run the same passes.
+        """
         start = time.perf_counter()
+        counts = all_gather_int(len(seqs), self.device)
+        old = self.needs_old_logprobs(seqs) if old is None else old
+        old = all_reduce_sum(float(old), self.device) > 0
         models = []
         if old:
             models.append(("old_logprobs", self.model))
         if self.loss_cfg.beta > 0:
             models.append(("ref_logprobs", self.reference))
+        if not models:
+            return time.perf_counter() - start
+        micro = self.optim_cfg.micro_batch_size
+        num_micro = max(math.ceil(n / micro) for n in counts)
+        template = self._template(seqs, counts)
         for name, model in models:
             was_training = model.training
             model.eval()
-            for chunk in _chunks(seqs, self.optim_cfg.micro_batch_size):
-                mb = make_micro_batch(chunk, self.pad_id, self.device)
-                hidden = completion_hidden_states(model, mb)
-                lp = _through_head(
-                    model.get_output_embeddings(),
-                    lambda h, w: fused_linear_logprobs(h, w, mb.targets, temperature=self.loss_cfg.temperature),
-                    hidden,
-                )
-                for seq, part in zip(chunk, torch.split(lp.float().cpu(), [s.num_tokens for s in chunk])):
-                    setattr(seq, name, part)
+            with self._on_learner_device(model):
+                chunks = list(_chunks(seqs, micro))
+                for index in range(num_micro):
+                    if index >= len(chunks):
+                        self._logprobs(model, make_placeholder_micro_batch(template, self.pad_id, self.device))
+                        continue
+                    chunk = chunks[index]
+                    lp = self._logprobs(model, make_micro_batch(chunk, self.pad_id, self.device))
+                    for seq, part in zip(chunk, torch.split(lp.float().cpu(), [s.num_tokens for s in chunk])):
+                        setattr(seq, name, part)
             model.train(was_training)
         return time.perf_counter() - start
 
+    def _logprobs(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+        hidden = completion_hidden_states(model, mb)
+        return _through_head(
+            model.get_output_embeddings(),
+            lambda h, w: fused_linear_logprobs(h, w, mb.targets, temperature=self.loss_cfg.temperature),
+            hidden,
+        )
+
+    @contextlib.contextmanager
+    def _on_learner_device(self, model: nn.Module):
+        """Runs ``model`` on the learner's device: a model kept elsewhere (an offloaded reference) moves there for
+        the pass and back after, so that it holds no accelerator memory during rollout and update."""
+        home = _device_of(model)
+        if home == self.device:
+            yield
+            return
+        model.to(self.device)
+        try:
+            yield
+        finally:
+            model.to(home)
+
     # -- the update -------------------------------------------------------------------------------------
     def update(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
-        """PPO epochs x mini-batches x micro-batches; one optimiser step per mini-batch."""
-        cfg = self.optim_cfg
-        mini = cfg.mini_batch_size or len(seqs)
+        """PPO epochs x mini-batches x micro-batches; one optimiser step per mini-batch, one schedule step per call."""
+        counts = all_gather_int(len(seqs), self.device)
+        mini_batches, micro_counts = self._mini_batches(seqs, counts)
+        template = self._template(seqs, counts)
         stats: dict[str, list[float]] = {}
-        for _ in range(cfg.ppo_epochs):
-            for mini_batch in _chunks(seqs, mini):
-                for key, value in self._mini_batch_step(mini_batch).items():
+        for _ in range(self.optim_cfg.ppo_epochs):
+            for mini_batch, num_micro in zip(mini_batches, micro_counts):
+                for key, value in self._mini_batch_step(mini_batch, num_micro, template).items():
                     stats.setdefault(key, []).append(value)
-        return {key: sum(v) / len(v) for key, v in stats.items()}
+        metrics = {key: sum(v) / len(v) for key, v in stats.items()}
+        if self.loss_cfg.needs_behavior:
+            metrics.update(self._tokens_without_behavior(seqs))
+        metrics["lr"] = self.schedule.get_last_lr()[0]
+        self.schedule.advance()
+        return metrics
 
     def _normalizer(self, seqs: Sequence[TrainSequence]) -> float:
         """The global count that the loss divides by, summed over micro-batches and data-parallel ranks."""
@@ -219,21 +383,28 @@ class Learner:
             local = len(seqs)
         return all_reduce_sum(float(local), self.device)
 
-    def _mini_batch_step(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
+    def _mini_batch_step(self, seqs: Sequence[TrainSequence], num_micro: int,
+                         template: Optional[TrainSequence]) -> dict[str, float]:
+        """``seqs`` in ``num_micro`` micro-batches (placeholders past this rank's own), then one optimiser step."""
         normalizer = self._normalizer(seqs)
         # DeepSpeed averages gradients over ranks; the normaliser is already global, so undo the mean.
         rank_scale = float(world_size())
         micro_batches = list(_chunks(seqs, self.optim_cfg.micro_batch_size))
         loss_sum, tokens, finite = 0.0, 0, True
         weighted: dict[str, float] = {}  # token-weighted sums of the loss statistics (counts summed as is)
-        for index, chunk in enumerate(micro_batches):
-            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-            mb = make_micro_batch(chunk, self.pad_id, self.device)
-            out = self._micro_batch_loss(mb, normalizer)
+        for index in range(num_micro):
+            self.engine.set_gradient_accumulation_boundary(index == num_micro - 1)
+            if index >= len(micro_batches):
+                placeholder = make_placeholder_micro_batch(template, self.pad_id, self.device)
+                self.engine.backward(self._micro_batch_loss(placeholder, normalizer).loss, scale_wrt_gas=False)
+                continue
+            chunk = micro_batches[index]
+            out = self._micro_batch_loss(make_micro_batch(chunk, self.pad_id, self.device), normalizer)
+            # A non-finite loss still goes backward (a collective under ZeRO-3); the step then drops its gradients.
+            self.engine.backward(out.loss * rank_scale, scale_wrt_gas=False)
             if not torch.isfinite(out.loss):
                 finite = False
                 continue
-            self.engine.backward(out.loss * rank_scale, scale_wrt_gas=False)
             chunk_tokens = sum(s.num_tokens for s in chunk)
             loss_sum += float(out.loss.detach())
             tokens += chunk_tokens
@@ -251,12 +422,12 @@ class Learner:
                 f"an optimiser step left NaN/Inf in the weights or the optimiser state (optim.lr={self.optim_cfg.lr:g}, "
                 f"grad norm {local_norm:g}); lower optim.lr or set optim.grad_clip"
             )
-        metrics = {f"loss/{key}": value if key.startswith("tokens_") else value / max(tokens, 1)
+        # float() also takes statistics that the loss returns as 0-dim tensors (one sync per key, here)
+        metrics = {f"loss/{key}": float(value if key.startswith("tokens_") else value / max(tokens, 1))
                    for key, value in weighted.items()}
         metrics["loss"] = all_reduce_sum(loss_sum, self.device)
         grad_norm = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else local_norm
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["skipped_steps"] = 0.0
         return metrics
 
@@ -264,10 +435,17 @@ class Learner:
         old = mb.gather("old_logprobs")
         ref = mb.gather("ref_logprobs")
         behavior = mb.behavior_logprobs
-        if behavior is not None:
-            # Tokens whose generator gave no log-probs take the old policy's: their ratio stays pi/pi_old.
-            fallback = old if old is not None else torch.full_like(behavior, float("nan"))
-            behavior = torch.where(torch.isnan(behavior), fallback.to(self.device), behavior)
+        if behavior is not None and self.loss_cfg.needs_behavior:
+            # Tokens whose generator gave no log-probs take the old policy's: their ratio becomes pi/pi_old
+            # (counted and warned about by _tokens_without_behavior).
+            missing = torch.isnan(behavior)
+            if old is None and bool(missing.any()):
+                raise ValueError(
+                    f"{int(missing.sum())} tokens have no behaviour log-probs and there are no old log-probs to use "
+                    "instead: call Learner.fill_logprobs(seqs) (old=None or True) before update"
+                )
+            if old is not None:
+                behavior = torch.where(missing, old.to(self.device), behavior)
         result = {}
 
         def loss_fn(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -276,7 +454,7 @@ class Learner:
                 old_logprobs=None if old is None else old.to(self.device),
                 ref_logprobs=None if ref is None else ref.to(self.device),
                 behavior_logprobs=behavior if self.loss_cfg.needs_behavior else None,
-                normalizer=normalizer, config=self.loss_cfg,
+                loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg,
             )
             return result["out"].loss
 
@@ -284,6 +462,62 @@ class Learner:
         out = result["out"]
         out.loss = loss
         return out
+
+    def _tokens_without_behavior(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
+        """Counts (over all ranks) the tokens whose behaviour log-prob the loss needs but the generator did not give,
+        and warns once per kind: they fall back to the old policy's log-prob (see :meth:`_micro_batch_loss`).
+
+        Expert tokens under ``expert_mode="is"``: API experts return text, not the policy tokenizer's log-probs.
+        Policy tokens under ``tis_cap``: the rollout engine returned no log-probs.
+        """
+        per_origin: dict[int, int] = {}
+        for seq in seqs:
+            beh = seq.behavior_logprobs
+            for index, origin in enumerate(seq.origins):
+                if beh is None or math.isnan(beh[index]):
+                    per_origin[origin] = per_origin.get(origin, 0) + 1
+        width = int(all_reduce_max(max(per_origin, default=0), self.device)) + 1
+        counts = torch.zeros(width, dtype=torch.float64, device=self.device)
+        for origin, count in per_origin.items():
+            counts[origin] = count
+        if world_size() > 1:
+            dist.all_reduce(counts)
+        counts = counts.tolist()
+        metrics = {}
+        if self.loss_cfg.expert_mode == "is":
+            lacking = [e for e in range(1, width) if counts[e]]
+            metrics["loss/tokens_expert_without_behavior"] = float(sum(counts[1:]))
+            if lacking:
+                names = ", ".join(self._expert_label(e) for e in lacking)
+                self._warn_once(
+                    "expert",
+                    f"loss.expert_mode=is: {int(sum(counts[1:]))} tokens of {names} carry no behaviour log-probs "
+                    "(an API expert returns text, not the policy tokenizer's log-probs), so their importance weight "
+                    "falls back to the unclipped ratio to the old policy, pi/pi_old. Serve the expert through sglang "
+                    "with the policy's tokenizer, or set loss.expert_mode=ratio or shaped. Counted in "
+                    "loss/tokens_expert_without_behavior.",
+                )
+        if self.loss_cfg.tis_cap is not None:
+            metrics["loss/tokens_policy_without_behavior"] = float(counts[0])
+            if counts[0]:
+                self._warn_once(
+                    "policy",
+                    f"loss.tis_cap={self.loss_cfg.tis_cap:g}: {int(counts[0])} policy tokens carry no behaviour log-probs "
+                    "(the rollout engine returned none), so their truncated importance weight is 1 (no correction). "
+                    "Use a rollout engine that returns log-probs, or set loss.tis_cap=null. Counted in "
+                    "loss/tokens_policy_without_behavior.",
+                )
+        return metrics
+
+    def _expert_label(self, origin: int) -> str:
+        if origin <= len(self.expert_names):
+            return f"expert {self.expert_names[origin - 1]!r} (origin {origin})"
+        return f"expert origin {origin}"
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned_without_behavior and is_main_rank():
+            warnings.warn(message, stacklevel=4)
+        self._warned_without_behavior.add(kind)
 
     @torch.no_grad()
     def state_is_finite(self) -> bool:

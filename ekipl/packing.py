@@ -7,7 +7,7 @@ Each training sequence is a prompt followed by one completion. A micro-batch pad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -44,8 +44,9 @@ class MicroBatch:
     cu_seqlens: torch.Tensor  # [B+1]
     advantages: torch.Tensor  # [B]
     origin: torch.Tensor  # [N]
-    behavior_logprobs: Optional[torch.Tensor]  # [N]; policy tokens without engine log-probs fall back to old
+    behavior_logprobs: Optional[torch.Tensor]  # [N]; NaN where the generator gave none (the learner falls back to old)
     sequences: list[TrainSequence] = field(default_factory=list)
+    loss_mask: Optional[torch.Tensor] = None  # [N]; zeros in a placeholder, None (all tokens count) otherwise
 
     def gather(self, name: str) -> Optional[torch.Tensor]:
         """Concatenates a per-sequence log-prob field (old/ref) into ``[N]``; None if any is missing."""
@@ -86,3 +87,17 @@ def make_micro_batch(seqs: Sequence[TrainSequence], pad_id: int, device: torch.d
         sequences=list(seqs),
     )
 
+
+def make_placeholder_micro_batch(template: TrainSequence, pad_id: int, device: torch.device) -> MicroBatch:
+    """A micro-batch shaped like ``template`` whose loss and gradients are exactly zero (``loss_mask`` 0).
+
+    A rank with less work than another runs these so that all ranks run the same forwards and backwards: under
+    ZeRO-3 each one gathers parameters, a collective. Its log-probs are finite stand-ins, so that no NaN meets
+    the mask.
+    """
+    zeros = torch.zeros(template.num_tokens)
+    stand_in = replace(template, advantage=0.0, behavior_logprobs=[0.0] * template.num_tokens, old_logprobs=zeros,
+                       ref_logprobs=zeros)
+    mb = make_micro_batch([stand_in], pad_id, device)
+    mb.loss_mask = torch.zeros(template.num_tokens, dtype=torch.float32, device=device)
+    return mb

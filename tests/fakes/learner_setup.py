@@ -1,0 +1,59 @@
+"""Training sequences and a Learner on the tiny model, for the learner's tests (in-process and per rank)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+
+from ekipl.config import read_deepspeed_config
+from ekipl.packing import TrainSequence
+from fakes.prompts import image_prompts
+
+ANSWERS = (
+    "<think>I count the objects one by one: there are 3 of them.</think> <answer>3</answer>",
+    "<think>Subtract the spheres, then count the rest.</think> <answer>5</answer>",
+    "<answer>B</answer>",
+    "<think>The gray cylinder is large.</think> <answer>large</answer>",
+)
+
+
+def make_sequences(processor, count: int, *, seed: int, expert_every: int = 3) -> list[TrainSequence]:
+    """``count`` sequences of different lengths; every ``expert_every``-th is expert 1's and has no behaviour
+    log-probs (an API expert's), the others are the policy's with the rollout engine's log-probs."""
+    rng = np.random.default_rng(seed)
+    tokenizer = processor.tokenizer
+    seqs = []
+    for index, prompt in enumerate(image_prompts(processor, count, seed=seed)):
+        ids = tokenizer.encode(ANSWERS[index % len(ANSWERS)], add_special_tokens=False)
+        ids = ids[: int(rng.integers(2, len(ids) + 1))]
+        expert = index % expert_every == expert_every - 1
+        behavior = None if expert else [float(x) for x in -rng.uniform(0.1, 3.0, size=len(ids))]
+        seqs.append(TrainSequence(prompt, ids, [1 if expert else 0] * len(ids), float(rng.normal()), behavior))
+    return seqs
+
+
+def join_process_group() -> None:
+    """A world of one for in-process tests (the launcher's variables win when set), on the CPU with gloo."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def ds_config(stage: int, grad_clip: float = 1.0) -> dict:
+    """configs/ds_zero{stage}.json with the keys the trainer fills in."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"ds_zero{stage}.json"
+    return {**read_deepspeed_config(str(path)), "gradient_clipping": grad_clip, "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1, "bf16": {"enabled": False}}
