@@ -21,6 +21,7 @@ from .data.tasks import SYNTHETIC_TASK, TASK_FAMILIES
 from .experts.config import ExpertPoolConfig
 from .groups import GroupConfig
 from .learner import OptimConfig
+from .metrics import normalize_report_to
 
 
 # Reason-RFT's RL setup: k3 KL to the reference, the loss averaged per sequence then over the batch.
@@ -61,7 +62,11 @@ class RunConfig:
     eval_every: held-out evaluation period (0: only at the end; -1: never). eval_at_start: also evaluate
     before the first step (the step-0 point of the curves; skipped when eval_every is -1). log_every:
     period of the console's metrics line (a progress bar's summary on a terminal).
-    wandb_project: also log to Weights & Biases when set."""
+    report_to: where the metrics go besides metrics.jsonl: a list of "tensorboard" (``<output_dir>/tensorboard``),
+    "wandb" and "mlflow", or "none" (a bare name is a list of one); W&B and MLflow take their server and key
+    from their own environment (WANDB_API_KEY, WANDB_MODE, MLFLOW_TRACKING_URI), and a resumed run goes on
+    logging into the same tracker run. project: the W&B project and MLflow experiment. run_name: the run's
+    name in W&B and MLflow (default: the output folder's name)."""
 
     output_dir: str = "runs/ekipl"
     seed: int = 0
@@ -74,7 +79,9 @@ class RunConfig:
     eval_every: int = 0
     eval_at_start: bool = True
     log_every: int = 1
-    wandb_project: Optional[str] = None
+    report_to: tuple[str, ...] | str = ("tensorboard",)
+    project: str = "ekipl"
+    run_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "keep_last", "log_every"):
@@ -82,6 +89,7 @@ class RunConfig:
         for key in ("save_every", "stop_at_step"):
             _require(getattr(self, key) >= 0, f"run.{key}", getattr(self, key), ">= 0")
         _require(self.eval_every >= -1, "run.eval_every", self.eval_every, ">= -1 (-1: never, 0: only at the end)")
+        object.__setattr__(self, "report_to", normalize_report_to(self.report_to))
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,6 @@ class MetricsLogger:
     ignores a step it has already seen: the steps replayed after a crash keep their first values there, while
     ``metrics.jsonl`` is rewritten). ``config`` (the resolved config as plain data) is stored with the run.
     A tracker whose package is missing raises :class:`ConfigError` saying what to install, before any is started.
-    ``wandb_project`` is the old spelling of ``report_to=["tensorboard", "wandb"], project=...``.
     """
 
     def __init__(
@@ -99,15 +98,11 @@ class MetricsLogger:
         project: str = "ekipl",
         run_name: Optional[str] = None,
         config: Any = None,
-        wandb_project: Optional[str] = None,  # transitional: until train.py passes report_to/project
     ):
         out_dir = Path(out_dir)
         self.path = out_dir / "metrics.jsonl"
         self.enabled = enabled
         self.report_to = normalize_report_to(report_to)
-        if wandb_project:
-            self.report_to = tuple(dict.fromkeys((*self.report_to, "wandb")))
-            project = wandb_project
         self._tb = None
         self._wandb = None
         self._mlflow = None

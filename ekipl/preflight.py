@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import TrainConfig, read_deepspeed_config
 from .config_loader import ConfigError
 from .data.tasks import SYNTHETIC_TASK
+from .metrics import missing_tracker_message
 from .rewards import get_reward
 
 
@@ -96,11 +97,9 @@ def _check_experts(cfg: TrainConfig) -> None:
 
 
 def _check_packages(cfg: TrainConfig) -> None:
-    if cfg.run.wandb_project and not _installed("wandb"):
-        raise ConfigError(
-            f"run.wandb_project={cfg.run.wandb_project!r} needs the wandb package: pip install wandb, "
-            "or unset run.wandb_project"
-        )
+    tracker_problem = missing_tracker_message(cfg.run.report_to)
+    if tracker_problem:
+        raise ConfigError(tracker_problem)
     if cfg.rollout.engine == "sglang" and not _installed("sglang"):
         raise ConfigError(
             "rollout.engine='sglang' needs the sglang package: pip install 'ekipl[sglang]' (CUDA only), or use "

@@ -535,8 +535,9 @@ class Trainer:
         if engine.zero_optimization_stage() == 3:  # gather the partitions; drop the engine wrapper's prefix
             state = {k.removeprefix("policy."): v for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
         if self.is_main:
-            self.learner.model.save_pretrained(out, state_dict=state)
-            self.processor.save_pretrained(out)
+            from ekipl.export import save_hf_folder
+
+            save_hf_folder(self.learner.model, self.processor, out, state_dict=state)
         return out
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -555,7 +556,8 @@ class Trainer:
             self.resume()
             if self.step_index >= cfg.max_steps:
                 return self._already_complete()
-            logger = MetricsLogger(self.out_dir, enabled=self.is_main, wandb_project=cfg.wandb_project, config=to_dict(self.cfg))
+            logger = MetricsLogger(self.out_dir, enabled=self.is_main, report_to=cfg.report_to, project=cfg.project,
+                                   run_name=cfg.run_name, config=to_dict(self.cfg))
             logger.truncate_after(self.step_index)
             self.console = Console(enabled=self.is_main, total=cfg.max_steps, initial=self.step_index, log_every=cfg.log_every)
             try:

@@ -196,10 +196,13 @@ def test_validate_startup_names_the_key(overrides, message, monkeypatch):
         _startup(overrides)
 
 
-def test_wandb_project_without_wandb_says_how_to_fix(monkeypatch):
+def test_a_tracker_without_its_package_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not importable
-    with pytest.raises(ConfigError, match="run.wandb_project='proj'.*pip install wandb.*unset run.wandb_project"):
-        _startup({"run.wandb_project": "proj"})
+    with pytest.raises(ConfigError, match=r"run.report_to=\['tensorboard', 'wandb'\].*pip install wandb.*remove 'wandb' "
+                                         r"from run.report_to"):
+        _startup({"run.report_to": ["tensorboard", "wandb"], "run.project": "proj"})
+    with pytest.raises(ConfigError, match=r"run.report_to=\['bogus'\] is invalid"):
+        _startup({"run.report_to": ["bogus"]})
 
 
 def test_missing_optional_packages_name_the_key(monkeypatch):

@@ -18,39 +18,10 @@ from ekipl.export import ExportError, export_checkpoint, main
 REPO = Path(__file__).resolve().parents[1]
 SNIPPET_MARK = "<!-- snippet: load-export (tests/test_export.py runs it) -->"
 
-# The README's snippet (README.md holds it after SNIPPET_MARK; this copy runs until it is there).
-SNIPPET = '''
-import json
-
-from PIL import Image
-from transformers import AutoModelForImageTextToText
-
-from ekipl.models import load_processor  # AutoProcessor.from_pretrained(export) where torchvision is installed
-
-export = "runs/tiny_cpu/hf_export"
-model = AutoModelForImageTextToText.from_pretrained(export)
-processor = load_processor(export)
-
-# The first held-out question, worded as in training: the question, then the task's instruction.
-with open("runs/tiny_cpu/data/test.jsonl") as f:
-    record = json.loads(f.readline())
-image = Image.open(f"runs/tiny_cpu/data/{record['image']}").convert("RGB")
-question = (record["problem"] + " Output the thinking process in <think> </think> and final answer (number) "
-            "in <answer> </answer> tags.")
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-inputs = processor(text=[prompt], images=[image], return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=128, do_sample=False)
-answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
-print(answer.split("<|im_end|>")[0])  # <think>...</think> <answer>...</answer>
-'''
-
-
 def readme_snippet() -> str:
-    """The snippet as README.md has it (after SNIPPET_MARK), else this file's copy."""
+    """The snippet as README.md has it (after SNIPPET_MARK)."""
     text = (REPO / "README.md").read_text()
-    if SNIPPET_MARK not in text:
-        return SNIPPET
+    assert SNIPPET_MARK in text, f"README.md lost its snippet marker {SNIPPET_MARK!r}"
     found = re.search(r"```python\n(.*?)```", text[text.index(SNIPPET_MARK):], re.S)
     assert found, f"README.md has {SNIPPET_MARK!r} but no ```python block after it"
     return found.group(1)
