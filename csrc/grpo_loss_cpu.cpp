@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -25,23 +24,16 @@ namespace {
 // with V. 200 MiB is about 340 rows at V = 152k: every GEMM call streams the whole weight, so chunks of a
 // few hundred rows keep that cost small (64 MiB, ~110 rows, costs 10-15% more time on two cores), and the
 // buffer is still about a seventh of the [1024, V] logits with their gradient that a materialised loss
-// holds. EKIPL_CPU_CHUNK_MB overrides the budget (tests use it to force many chunks).
-constexpr int64_t kDefaultChunkMiB = 200;
+// holds. The ops' scratch_bytes argument (KernelOptions.cpu_chunk_mb) replaces the budget when > 0.
+constexpr int64_t kDefaultChunkBytes = int64_t(200) << 20;
 constexpr int64_t kMinChunkRows = 16;
-
-int64_t chunk_budget_bytes() {
-  const char* env = std::getenv("EKIPL_CPU_CHUNK_MB");
-  if (env == nullptr || *env == '\0') return kDefaultChunkMiB << 20;
-  char* end = nullptr;
-  const long long mib = std::strtoll(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && mib > 0, "EKIPL_CPU_CHUNK_MB must be a positive integer (MiB); got '", env, "'");
-  return int64_t(mib) << 20;
-}
 
 // The most rows the budget allows, then spread evenly over the chunks needed (no small last chunk,
 // whose GEMMs would pay the full cost of streaming the weight for a few rows).
-int64_t chunk_rows(int64_t n, int64_t vocab, int64_t element_size) {
-  const int64_t most = std::max(kMinChunkRows, chunk_budget_bytes() / std::max<int64_t>(1, vocab * element_size));
+int64_t chunk_rows(int64_t n, int64_t vocab, int64_t element_size, int64_t scratch_bytes) {
+  TORCH_CHECK(scratch_bytes >= 0, "ekipl: scratch_bytes must be >= 0 (0: the default); got ", scratch_bytes);
+  const int64_t budget = scratch_bytes > 0 ? scratch_bytes : kDefaultChunkBytes;
+  const int64_t most = std::max(kMinChunkRows, budget / std::max<int64_t>(1, vocab * element_size));
   const int64_t chunks = std::max<int64_t>(1, (n + most - 1) / most);
   return std::max<int64_t>(1, (n + chunks - 1) / chunks);
 }
@@ -197,7 +189,8 @@ at::Tensor float_vector(int64_t n, bool wanted) { return at::empty({wanted ? n :
 // logits = hidden @ weight.T a chunk at a time; with tokens, also the loss and (on request) its gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pass(
     const char* op, const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in,
-    double temperature, const TokenBatch* tokens, bool need_entropy, bool grad_hidden, bool grad_weight) {
+    double temperature, const TokenBatch* tokens, bool need_entropy, bool grad_hidden, bool grad_weight,
+    int64_t scratch_bytes) {
   check_float_input(op, "hidden", hidden_in, 2);
   check_float_input(op, "weight", weight_in, 2);
   TORCH_CHECK(weight_in.scalar_type() == hidden_in.scalar_type(), "ekipl::", op, ": weight dtype ",
@@ -225,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
   const RowOutputs out{logprobs.data_ptr<float>(), need_entropy ? entropy.data_ptr<float>() : nullptr,
                        weighted_loss.data()};
 
-  const int64_t step = chunk_rows(n, vocab, at::elementSize(acc));
+  const int64_t step = chunk_rows(n, vocab, at::elementSize(acc), scratch_bytes);
   at::Tensor buffer = at::empty({step, vocab}, weight.options());
   for (int64_t start = 0; start < n; start += step) {
     const int64_t rows = std::min(step, n - start);
@@ -267,21 +260,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_lin
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
     double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
-    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_hidden, bool grad_weight) {
+    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_hidden, bool grad_weight,
+    int64_t /*schedule: one on CPU*/, int64_t scratch_bytes) {
   const char* op = "fused_linear_grpo_loss";
   check_float_input(op, "hidden", hidden, 2);
   const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
                           expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
   const TokenBatch tokens(op, hidden.size(0), advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                           behavior_logprobs, params);
-  return linear_pass(op, hidden, weight, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight);
+  return linear_pass(op, hidden, weight, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight,
+                     scratch_bytes);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                                                          const at::Tensor& targets, double temperature,
-                                                         bool need_entropy) {
-  auto [loss, logprobs, entropy, d_hidden, d_weight] =
-      linear_pass("fused_linear_logprobs", hidden, weight, targets, temperature, nullptr, need_entropy, false, false);
+                                                         bool need_entropy, int64_t /*path: one on CPU*/,
+                                                         int64_t scratch_bytes) {
+  auto [loss, logprobs, entropy, d_hidden, d_weight] = linear_pass(
+      "fused_linear_logprobs", hidden, weight, targets, temperature, nullptr, need_entropy, false, false, scratch_bytes);
   return {logprobs, entropy};
 }
 
@@ -313,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss(
 
   // fp32/fp64 logits are read in place and the gradient written straight into the output; other dtypes
   // go through a chunk-sized buffer of the accumulation type.
-  const int64_t step = dtype == acc ? std::max<int64_t>(n, 1) : chunk_rows(n, vocab, at::elementSize(acc));
+  const int64_t step = dtype == acc ? std::max<int64_t>(n, 1) : chunk_rows(n, vocab, at::elementSize(acc), 0);
   for (int64_t start = 0; start < n; start += step) {
     const int64_t rows = std::min(step, n - start);
     const at::Tensor x = logits.narrow(0, start, rows).to(acc);

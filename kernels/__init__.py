@@ -7,9 +7,14 @@ Needs only torch (and triton for the CUDA path)::
                                  origin=origin, old_logprobs=old, config=LossConfig(beta=0.04),
                                  ref_logprobs=ref)
     out.loss.backward()
+
+How it runs (backend, Triton schedule, scratch sizes, memory budget, debug checks) is
+``KernelOptions``'s, passed as ``options=``.
 """
 
 from .api import fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
-from .config import LossConfig, LossOutput
+from .config import LossConfig, LossOutput, stats_as_floats
+from .options import KernelOptions
 
-__all__ = ["LossConfig", "LossOutput", "fused_linear_grpo_loss", "grpo_loss", "fused_linear_logprobs"]
+__all__ = ["KernelOptions", "LossConfig", "LossOutput", "fused_linear_grpo_loss", "grpo_loss", "fused_linear_logprobs",
+           "stats_as_floats"]

@@ -1,4 +1,8 @@
-"""The public loss functions: validation, backend dispatch, autograd and statistics."""
+"""The public loss functions: validation, backend dispatch, autograd and statistics.
+
+Nothing here waits for the device on the way to the kernels: statistics stay device tensors, and the
+checks that read input values back run on CPU tensors or with ``KernelOptions.debug_checks``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 from . import reference
 from .backends import load_backend, resolve_backend
 from .config import LossConfig, LossOutput
-from .inputs import check_logits_inputs, check_matrix_inputs, prepare_token_inputs
+from .inputs import check_logits_inputs, check_matrix_inputs, prepare_token_inputs, values_checked
+from .options import KernelOptions
 
 Normalizer = Union[float, torch.Tensor, None]
 
@@ -50,6 +55,7 @@ def fused_linear_grpo_loss(
     config: LossConfig = LossConfig(),
     advantage_level: Optional[str] = None,
     backend: Optional[str] = None,
+    options: Optional[KernelOptions] = None,
 ) -> LossOutput:
     """GRPO loss over mixed-origin packed sequences, straight from hidden states and the LM head.
 
@@ -61,9 +67,13 @@ def fused_linear_grpo_loss(
     to the loss and its gradients, whatever their inputs hold; ``normalizer`` (finite, > 0) replaces the
     token count of token-mean, the sequence count of the seq-mean modes (pass the global count so that
     data-parallel ranks and micro-batches agree). The ``[N, V]`` logits are never materialised.
+    ``backend`` (a name) wins over ``options.backend``; ``options`` (:class:`KernelOptions`, environment
+    variables override it) say how, never what.
     """
-    check_matrix_inputs(hidden, weight, targets)
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    options = _with_env(options)
+    values = values_checked(hidden.device, options.debug_checks)
+    check_matrix_inputs(hidden, weight, targets, values=values)
+    name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -71,12 +81,12 @@ def fused_linear_grpo_loss(
     )
     if name == "reference":
         return reference.fused_linear_grpo_loss(hidden, weight, targets, **keywords)
-    tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords)
+    tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords, check_values=values)
     grad_on = torch.is_grad_enabled()
     need_entropy = config.entropy_coef != 0
     result = load_backend(name).linear_loss(
         hidden, weight, targets, tok, config, need_entropy=need_entropy,
-        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad,
+        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad, options=options,
     )
     loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, result.grad_weight, hidden, weight)
     stats = reference.statistics(result.logprobs, result.entropy, tok, config)
@@ -98,10 +108,13 @@ def grpo_loss(
     config: LossConfig = LossConfig(),
     advantage_level: Optional[str] = None,
     backend: Optional[str] = None,
+    options: Optional[KernelOptions] = None,
 ) -> LossOutput:
     """The same loss for callers that already hold ``[N, V]`` logits (differentiable w.r.t. ``logits``)."""
-    check_logits_inputs(logits, targets)
-    name = resolve_backend(backend, logits.device, logits.dtype)
+    options = _with_env(options)
+    values = values_checked(logits.device, options.debug_checks)
+    check_logits_inputs(logits, targets, values=values)
+    name = resolve_backend(backend or options.backend, logits.device, logits.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -109,7 +122,7 @@ def grpo_loss(
     )
     if name == "reference":
         return reference.grpo_loss(logits, targets, **keywords)
-    tok = prepare_token_inputs(logits.shape[0], logits.device, **keywords)
+    tok = prepare_token_inputs(logits.shape[0], logits.device, **keywords, check_values=values)
     need_entropy = config.entropy_coef != 0
     result = load_backend(name).logits_loss(
         logits, targets, tok, config, need_entropy=need_entropy,
@@ -128,21 +141,34 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: Optional[str] = None,
+    options: Optional[KernelOptions] = None,
 ):
     """fp32 ``[N]`` log-probs of ``targets`` (and entropies) under ``softmax(hidden @ weight.T / T)``.
 
     For the old-policy and reference passes: no gradient, no ``[N, V]`` tensor kept.
     """
-    check_matrix_inputs(hidden, weight, targets)
+    options = _with_env(options)
+    check_matrix_inputs(hidden, weight, targets, values=values_checked(hidden.device, options.debug_checks))
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    name = resolve_backend(backend, hidden.device, hidden.dtype)
+    name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
     if name == "reference":
         return reference.fused_linear_logprobs(
             hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
         )
     with torch.no_grad():
         lp, entropy = load_backend(name).linear_logprobs(
-            hidden.detach(), weight.detach(), targets, float(temperature), return_entropy
+            hidden.detach(), weight.detach(), targets, float(temperature), return_entropy, options
         )
     return (lp, entropy) if return_entropy else lp
+
+
+_DEFAULT_OPTIONS = KernelOptions()
+
+
+def _with_env(options: Optional[KernelOptions]) -> KernelOptions:
+    if options is None:
+        options = _DEFAULT_OPTIONS
+    elif not isinstance(options, KernelOptions):
+        raise ValueError(f"options must be an ekipl_kernels.KernelOptions; got {type(options).__name__}")
+    return options.with_env()

@@ -3,13 +3,16 @@
 A backend module exposes three functions; all of them work on validated inputs and per-token vectors
 (:class:`~ekipl_kernels.inputs.TokenInputs`), so the aggregation rules live in one place:
 
-``linear_loss(hidden, weight, targets, tok, config, *, need_entropy, grad_hidden, grad_weight) -> FusedResult``
+``linear_loss(hidden, weight, targets, tok, config, *, need_entropy, grad_hidden, grad_weight, options) -> FusedResult``
     ``loss = sum_t tok.agg_weight[t] * l_t`` over ``logits = hidden @ weight.T``, with its gradients
     with respect to ``hidden`` and ``weight`` (same dtypes as the inputs) formed during the forward.
 ``logits_loss(logits, targets, tok, config, *, need_entropy, grad_logits) -> FusedResult``
     The same over materialised logits; ``grad_input`` is the logits gradient.
-``linear_logprobs(hidden, weight, targets, temperature, return_entropy) -> (logprobs, entropy | None)``
+``linear_logprobs(hidden, weight, targets, temperature, return_entropy, options) -> (logprobs, entropy | None)``
     fp32 ``[N]`` vectors; no gradient.
+
+``options`` is the caller's :class:`~ekipl_kernels.options.KernelOptions` (environment applied); a backend
+reads the fields that concern it.
 
 Gradients are of the loss itself; the autograd wrapper scales them by the incoming gradient.
 """

@@ -2,21 +2,21 @@
 
 ``backend=None`` picks by device: the C++ op on CPU, Triton on CUDA (fp64 inputs, which Triton does not
 take, go to chunked), the chunked torch path elsewhere (or where the preferred one is unavailable,
-with one warning). ``EKIPL_KERNEL_BACKEND`` overrides the default; an explicit ``backend=`` argument
-overrides both.
+with one warning). The public functions pass ``backend=`` when given, else ``KernelOptions.backend``
+(which ``EKIPL_KERNEL_BACKEND`` overrides).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "chunked", "cpu", "triton")
+from .options import BACKENDS
+
 _MODULES = {"chunked": ".chunked", "cpu": ".cpu_backend", "triton": ".triton_backend"}
 _warned: set[str] = set()
 
@@ -41,12 +41,9 @@ def load_backend(name: str) -> ModuleType:
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The backend name to run for tensors of ``dtype`` on ``device``."""
-    if backend is None:
-        backend = os.environ.get("EKIPL_KERNEL_BACKEND") or None
     if backend is not None:
         if backend not in BACKENDS:
-            source = "EKIPL_KERNEL_BACKEND" if os.environ.get("EKIPL_KERNEL_BACKEND") == backend else "backend"
-            raise ValueError(f"{source} must be one of {BACKENDS}; got {backend!r}")
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
         return backend
     preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type, "chunked")
     if preferred == "triton" and dtype == torch.float64:

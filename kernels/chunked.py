@@ -2,6 +2,7 @@
 
 Only ``[chunk, V]`` logits exist at once; gradients are formed chunk by chunk during the forward with
 autograd. It is the fallback where neither the C++ op nor Triton applies, and a second opinion in tests.
+It has no knobs: ``options`` is accepted and unused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from .backend_api import FusedResult
 from .config import LossConfig
 from .inputs import TokenInputs
+from .options import KernelOptions
 from .reference import active_token_losses, logprobs_and_entropy
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (autograd keeps a few tensors of that size)
@@ -29,7 +31,8 @@ def _chunk_loss(logits_of, targets: torch.Tensor, tok: TokenInputs, rows: slice,
     return (act.loss * chunk.agg_weight[act.index]).sum(), act.logprobs, act.entropy
 
 
-def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight):
+def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden,
+                grad_weight, options: KernelOptions):
     n = hidden.shape[0]
     w32 = weight.detach().float().requires_grad_(grad_weight)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -75,7 +78,7 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
 
 
 @torch.no_grad()
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool):
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
     n = hidden.shape[0]
     lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if return_entropy else None

@@ -137,10 +137,21 @@ class LossOutput:
     logprobs: ``[N]`` fp32 log-probs of the targets at the configured temperature, detached.
     entropy: ``[N]`` fp32 entropies, detached; None unless ``entropy_coef != 0``.
     stats: ``clip_frac``, ``ratio_mean``, ``kl_mean`` (beta > 0), ``entropy_mean`` (when computed),
-        ``tokens_policy``, ``tokens_expert``; means are over unmasked tokens.
+        ``tokens_policy``, ``tokens_expert``; means are over unmasked tokens. 0-dim fp32 tensors on the
+        inputs' device, so that the loss never waits for the device: accumulate them as tensors and read
+        them once, e.g. with :func:`stats_as_floats`.
     """
 
     loss: torch.Tensor
     logprobs: torch.Tensor
     entropy: Optional[torch.Tensor]
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def stats_as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``LossOutput.stats`` (or sums of them; plain numbers pass through) as Python floats, the tensors read from
+    the device in one transfer."""
+    tensors = [key for key, value in stats.items() if isinstance(value, torch.Tensor)]
+    read = torch.stack([stats[key].float().reshape(()) for key in tensors]).tolist() if tensors else []
+    values = dict(zip(tensors, read))
+    return {key: values[key] if key in values else float(value) for key, value in stats.items()}

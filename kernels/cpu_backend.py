@@ -13,6 +13,7 @@ from .backend_api import FusedResult
 from .config import LossConfig
 from .inputs import TokenInputs
 from .op_builder import load_cpu_op
+from .options import KernelOptions
 
 
 def ensure_available() -> None:
@@ -24,11 +25,13 @@ def _token_args(tok: TokenInputs) -> tuple:
 
 
 def linear_loss(
-    hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight
+    hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight,
+    options: KernelOptions,
 ):
     loss, logprobs, entropy, d_hidden, d_weight = torch.ops.ekipl.fused_linear_grpo_loss(
         hidden.detach(), weight.detach(), targets, *_token_args(tok), **ops.config_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
+        scratch_bytes=options.scratch_bytes("cpu_chunk_mb"),
     )
     return FusedResult(
         loss, logprobs, entropy if need_entropy else None, d_hidden if grad_hidden else None,
@@ -44,6 +47,8 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     return FusedResult(loss, logprobs, entropy if need_entropy else None, d_logits if grad_logits else None, None)
 
 
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool):
-    logprobs, entropy = torch.ops.ekipl.fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy)
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
+    logprobs, entropy = torch.ops.ekipl.fused_linear_logprobs(
+        hidden, weight, targets, temperature, return_entropy, scratch_bytes=options.scratch_bytes("cpu_chunk_mb")
+    )
     return logprobs, entropy if return_entropy else None

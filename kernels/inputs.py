@@ -41,8 +41,15 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    """Checks ``hidden [N, H]``, ``weight [V, H]`` and ``targets [N]`` of the fused-linear entry points."""
+def values_checked(device: torch.device, debug: bool) -> bool:
+    """Whether the checks that read input values back from ``device`` run: always for CPU tensors, where that
+    costs nothing; on an accelerator each read is a host sync in the training step, so only when ``debug``."""
+    return (debug or device.type == "cpu") and not torch.compiler.is_compiling()
+
+
+def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, values: bool = True) -> None:
+    """Checks ``hidden [N, H]``, ``weight [V, H]`` and ``targets [N]`` of the fused-linear entry points (the
+    target ids themselves only with ``values``)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D tensor [N, H]; got {_describe(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -57,25 +64,25 @@ def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; put both on one device")
-    check_targets(targets, hidden.shape[0], hidden.device, vocab=weight.shape[0])
+    check_targets(targets, hidden.shape[0], hidden.device, vocab=weight.shape[0], values=values)
 
 
-def check_logits_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
+def check_logits_inputs(logits: torch.Tensor, targets: torch.Tensor, values: bool = True) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a 2-D tensor [N, V]; got {_describe(logits)}")
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(f"logits must be fp32, bf16, fp16 (or fp64); got {logits.dtype}")
-    check_targets(targets, logits.shape[0], logits.device, vocab=logits.shape[1])
+    check_targets(targets, logits.shape[0], logits.device, vocab=logits.shape[1], values=values)
 
 
-def check_targets(targets: torch.Tensor, n: int, device: torch.device, vocab: int) -> None:
+def check_targets(targets: torch.Tensor, n: int, device: torch.device, vocab: int, values: bool = True) -> None:
     if not isinstance(targets, torch.Tensor) or targets.shape != (n,):
         raise ValueError(f"targets must be a tensor of shape [{n}] (one token id per row); got {_describe(targets)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be int64 (or int32) token ids; got {targets.dtype}")
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device}; expected {device}")
-    if n and not torch.compiler.is_compiling():
+    if n and values and not torch.compiler.is_compiling():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"targets must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -113,8 +120,12 @@ def prepare_token_inputs(
     normalizer: Union[float, torch.Tensor, None] = None,
     config: LossConfig,
     advantage_level: Optional[str] = None,
+    check_values: bool = True,
 ) -> TokenInputs:
-    """Validates the keyword inputs and reduces them to per-token vectors (see :class:`TokenInputs`)."""
+    """Validates the keyword inputs and reduces them to per-token vectors (see :class:`TokenInputs`).
+
+    Shapes, dtypes and devices are always checked; the values of tensors (``cu_seqlens`` bounds and order,
+    ``origin >= 0``, a tensor ``normalizer``) only with ``check_values`` (see :func:`values_checked`)."""
     if not isinstance(config, LossConfig):
         raise ValueError(f"config must be an ekipl_kernels.LossConfig; got {type(config).__name__}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -125,7 +136,7 @@ def prepare_token_inputs(
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}; expected {device}")
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    if not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling():
         if int(cu[0]) != 0 or int(cu[-1]) != n:
             raise ValueError(f"cu_seqlens must start at 0 and end at N={n}; got {cu[0].item()} ... {cu[-1].item()}")
         if bool((lengths < 0).any()):
@@ -142,7 +153,7 @@ def prepare_token_inputs(
             raise ValueError(f"origin must be an integer tensor of shape [{n}] (0 policy, e>0 expert e); got {_describe(origin)}")
         if origin.device != device:
             raise ValueError(f"origin is on {origin.device}; expected {device}")
-        if n and not torch.compiler.is_compiling() and int(origin.min()) < 0:
+        if n and check_values and not torch.compiler.is_compiling() and int(origin.min()) < 0:
             raise ValueError(f"origin must be >= 0 (0 policy, e>0 expert e); got {int(origin.min())}")
         is_expert = origin > 0
 
@@ -164,7 +175,7 @@ def prepare_token_inputs(
         why = "expert_mode='is'" if config.expert_mode == "is" else f"tis_cap={config.tis_cap}"
         raise ValueError(f"behavior_logprobs [N]=[{n}] is required with {why}")
 
-    agg_weight = mask * _aggregation_scale(mask, seq_index, lengths, num_seqs, normalizer, config)
+    agg_weight = mask * _aggregation_scale(mask, seq_index, lengths, num_seqs, normalizer, config, check_values)
     return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh)
 
 
@@ -215,6 +226,7 @@ def _aggregation_scale(
     num_seqs: int,
     normalizer: Union[float, torch.Tensor, None],
     config: LossConfig,
+    check_values: bool,
 ) -> torch.Tensor:
     """The per-token factor ``w_t / m_t`` of the chosen aggregation."""
     norm = None
@@ -222,9 +234,13 @@ def _aggregation_scale(
         norm = torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device)
         if norm.dim() != 0:
             raise ValueError(f"normalizer must be a float or a 0-dim tensor; got shape {tuple(norm.shape)}")
-        if not torch.compiler.is_compiling() and not (math.isfinite(float(norm)) and float(norm) > 0):
-            shown = float(norm) if isinstance(normalizer, torch.Tensor) else normalizer
-            raise ValueError(f"normalizer must be a finite number > 0 (a token or sequence count); got {shown!r}")
+        # A Python number is checked for free; a tensor's value only where reading it back is cheap or asked for.
+        is_tensor = isinstance(normalizer, torch.Tensor)
+        if (check_values or not is_tensor) and not torch.compiler.is_compiling():
+            value = float(normalizer)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"normalizer must be a finite number > 0 (a token or sequence count); "
+                                 f"got {value if is_tensor else normalizer!r}")
     if config.agg == "token-mean":
         denom = mask.sum() if norm is None else norm
         return _safe_inverse(denom).expand_as(mask)

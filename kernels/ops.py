@@ -8,6 +8,11 @@ The loss ops take the per-token vectors of :class:`~ekipl_kernels.inputs.TokenIn
 scalars (:func:`config_scalars`): ``dual_clip``, ``is_cap``, ``tis_cap``, ``log_ratio_clamp`` and
 ``kl_clamp`` are 0 when off, ``kl_kind`` is 1/2/3 for k1/k2/k3, ``expert_mode`` is 0 ratio, 1 is,
 2 shaped. Outputs that were not asked for are empty.
+
+How to compute, as decided by the caller (``KernelOptions``): ``schedule`` of the loss (an index into
+:data:`SCHEDULES`), ``path`` of the log-probs (an index into ``options.LOGPROBS_PATHS``), and ``scratch_bytes``,
+the budget of the buffer of logits (0: the implementation's default). The CPU op has one way of each and
+reads only ``scratch_bytes``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from .config import EXPERT_MODES, LossConfig
+
+SCHEDULES = ("rows", "vocab")
 
 _TOKEN_ARGS = (
     "Tensor advantages, Tensor agg_weight, Tensor is_expert, Tensor? old_logprobs, Tensor? ref_logprobs, "
@@ -26,15 +33,16 @@ _TOKEN_ARGS = (
 LIB = torch.library.Library("ekipl", "DEF")
 LIB.define(
     f"fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor targets, {_TOKEN_ARGS}, bool grad_hidden, "
-    "bool grad_weight) -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_hidden, Tensor grad_weight)"
+    "bool grad_weight, int schedule=0, int scratch_bytes=0) "
+    "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_hidden, Tensor grad_weight)"
 )
 LIB.define(
     f"grpo_loss(Tensor logits, Tensor targets, {_TOKEN_ARGS}, bool grad_logits) "
     "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_logits)"
 )
 LIB.define(
-    "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, float temperature, bool need_entropy) "
-    "-> (Tensor logprobs, Tensor entropy)"
+    "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, float temperature, bool need_entropy, "
+    "int path=0, int scratch_bytes=0) -> (Tensor logprobs, Tensor entropy)"
 )
 
 
@@ -64,7 +72,7 @@ def _vector(like: torch.Tensor, n: int, wanted: bool) -> torch.Tensor:
 @torch.library.register_fake("ekipl::fused_linear_grpo_loss")
 def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
       eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap,
-      tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_hidden, grad_weight):
+      tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_hidden, grad_weight, schedule=0, scratch_bytes=0):
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -89,6 +97,6 @@ def _(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logp
 
 
 @torch.library.register_fake("ekipl::fused_linear_logprobs")
-def _(hidden, weight, targets, temperature, need_entropy):
+def _(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0):
     n = hidden.shape[0]
     return _vector(hidden, n, True), _vector(hidden, n, need_entropy)

@@ -214,36 +214,39 @@ def fused_linear_logprobs(
 
 def statistics(
     logprobs: torch.Tensor, entropy: Optional[torch.Tensor], tok: TokenInputs, config: LossConfig
-) -> dict[str, float]:
-    """The batch statistics of a fast backend's per-token log-probs (and entropies)."""
-    on = (tok.mask != 0).nonzero().squeeze(1)
-    active = tok.select(on)
+) -> dict[str, torch.Tensor]:
+    """The batch statistics of a fast backend's per-token log-probs (and entropies), on their device.
+
+    Every token goes through the elementwise :func:`token_losses`; :func:`summarize` selects the unmasked
+    ones with ``torch.where``, so nothing here waits for the device (no ``nonzero``, no ``float()``)."""
     with torch.no_grad():
         _, diagnostics = token_losses(
-            logprobs[on], None, advantages=active.advantages, is_expert=active.is_expert,
-            old_logprobs=active.old_logprobs, ref_logprobs=active.ref_logprobs,
-            behavior_logprobs=active.behavior_logprobs, config=replace(config, entropy_coef=0.0),
+            logprobs, None, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
+            ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs,
+            config=replace(config, entropy_coef=0.0),
         )
-    return summarize(active.mask, active.is_expert, diagnostics, None if entropy is None else entropy[on])
+    return summarize(tok.mask, tok.is_expert, diagnostics, entropy)
 
 
 def summarize(
     mask: torch.Tensor, is_expert: torch.Tensor, diag: dict[str, torch.Tensor], entropy: Optional[torch.Tensor]
-) -> dict[str, float]:
-    """Masked means of the per-token diagnostics, as plain floats; PPO statistics over the PPO tokens."""
-    mask = mask.double()
-    active = mask > 0
+) -> dict[str, torch.Tensor]:
+    """Masked means of the per-token diagnostics as 0-dim fp32 tensors on their device (0 over no token);
+    PPO statistics over the PPO tokens. Masked tokens are selected out, whatever NaN they hold."""
+    mask = mask.float()
+    active = mask != 0
 
-    def masked_mean(x: torch.Tensor, m: torch.Tensor) -> float:
+    def masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         total = m.sum()
-        return float((x.double() * m).sum() / total) if float(total) > 0 else 0.0
+        weighted = (torch.where(m != 0, x.float(), 0.0) * m).sum()
+        return torch.where(total > 0, weighted / torch.where(total > 0, total, 1.0), 0.0)
 
-    ppo_mask = mask * diag["ppo"].double()
+    ppo_mask = mask * diag["ppo"].float()
     stats = {
-        "clip_frac": masked_mean(diag["clipped"].double(), ppo_mask),
+        "clip_frac": masked_mean(diag["clipped"], ppo_mask),
         "ratio_mean": masked_mean(diag["ratio"], ppo_mask),
-        "tokens_policy": float((active & ~is_expert).sum()),
-        "tokens_expert": float((active & is_expert).sum()),
+        "tokens_policy": (active & ~is_expert).sum().float(),
+        "tokens_expert": (active & is_expert).sum().float(),
     }
     if "kl" in diag:
         stats["kl_mean"] = masked_mean(diag["kl"], mask)

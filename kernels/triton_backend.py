@@ -9,8 +9,9 @@ library interpreted too. CPU tests therefore need no ``TRITON_INTERPRET`` and wo
 was imported; GPU runs in the same process are untouched. With ``TRITON_INTERPRET=1`` set before
 triton's import, everything is interpreted, whatever the device.
 
-Knobs (read at each call): ``EKIPL_TRITON_SCHEDULE`` = ``rows`` (default, fastest) or ``vocab`` (least
-memory), ``EKIPL_TRITON_CHUNK_MB`` (logits scratch; see ``kernels/triton/linear_loss.py``).
+Knobs (:class:`~ekipl_kernels.options.KernelOptions`): ``schedule``, ``chunk_mb`` and ``memory_budget_mb``
+become the loss op's schedule and scratch here (``linear_loss.plan``), ``logprobs_path`` and ``chunk_mb``
+the log-probs op's path and scratch. The CUDA kernels launch on the device of their first tensor.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .backend_api import FusedResult
 from .backends import BackendUnavailable
 from .config import LossConfig
 from .inputs import TokenInputs
+from .options import LOGPROBS_PATHS, KernelOptions
 
 try:
     import triton
@@ -128,10 +130,16 @@ def _token_vectors(tok: TokenInputs) -> tuple:
 
 
 def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden,
-                grad_weight) -> FusedResult:
+                grad_weight, options: KernelOptions) -> FusedResult:
+    (n, h), v = hidden.shape, weight.shape[0]
+    schedule, scratch = kernel_package(interpreted=False).linear_loss.plan(
+        n, h, v, hidden.dtype, grad_hidden, grad_weight, options.schedule, options.scratch_bytes("chunk_mb"),
+        options.memory_budget_bytes,
+    )
     loss, lp, ent, d_hidden, d_weight = _for(hidden, "fused_linear_grpo_loss")(
         hidden.detach(), weight.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
+        schedule=ops.SCHEDULES.index(schedule), scratch_bytes=scratch,
     )
     return FusedResult(loss, lp, ent if need_entropy else None, d_hidden if grad_hidden else None,
                        d_weight if grad_weight else None)
@@ -145,23 +153,29 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     return FusedResult(loss, lp, ent if need_entropy else None, d_logits if grad_logits else None, None)
 
 
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool):
-    lp, ent = _for(hidden, "fused_linear_logprobs")(hidden, weight, targets, temperature, return_entropy)
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
+    lp, ent = _for(hidden, "fused_linear_logprobs")(
+        hidden, weight, targets, temperature, return_entropy, path=LOGPROBS_PATHS.index(options.logprobs_path),
+        scratch_bytes=options.scratch_bytes("chunk_mb"),
+    )
     return lp, ent if return_entropy else None
+
+
+def on_device_of_first_tensor(name: str):
+    """The compiled ``name`` entry point, run with the device of its first argument as the current CUDA device:
+    Triton launches on the current device, and the inputs of a rank may live on another one."""
+
+    def run(first, *args, **kwargs):
+        with torch.cuda.device(first.device):
+            return getattr(kernel_package(interpreted=False), name)(first, *args, **kwargs)
+
+    return run
 
 
 def _register_cuda_kernels() -> None:
     """CUDA implementations of the ``ekipl::`` ops (the C++ library registers the CPU ones)."""
-
-    def compiled():
-        return kernel_package(interpreted=False)
-
-    torch.library.register_kernel("ekipl::fused_linear_grpo_loss", "cuda",
-                                  lambda *args, **kwargs: compiled().fused_linear_grpo_loss(*args, **kwargs))
-    torch.library.register_kernel("ekipl::grpo_loss", "cuda",
-                                  lambda *args, **kwargs: compiled().grpo_loss(*args, **kwargs))
-    torch.library.register_kernel("ekipl::fused_linear_logprobs", "cuda",
-                                  lambda *args, **kwargs: compiled().fused_linear_logprobs(*args, **kwargs))
+    for name in ("fused_linear_grpo_loss", "grpo_loss", "fused_linear_logprobs"):
+        torch.library.register_kernel(f"ekipl::{name}", "cuda", on_device_of_first_tensor(name))
 
 
 if triton is not None:

@@ -287,5 +287,5 @@ class FusedGRPOTrainer(GRPOTrainer):
         names = {"clip_frac": "clip_ratio/region_mean", "kl_mean": "kl", "entropy_mean": "entropy"}
         for stat, name in names.items():
             if stat in output.stats:
-                value = torch.tensor(output.stats[stat], device=self.accelerator.device)
+                value = output.stats[stat].detach().to(self.accelerator.device)
                 self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())

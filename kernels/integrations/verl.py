@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from ..api import fused_linear_grpo_loss
-from ..config import LossConfig
+from ..config import LossConfig, stats_as_floats
 
 # verl's loss_agg_mode -> the LossConfig aggregation with the same per-token weights (normaliser: _aggregation).
 AGGREGATION_OF_AGG_MODE = {
@@ -203,7 +203,7 @@ def compute_policy_loss_fused(
         backend=head.backend,
     )
     metrics = _verl_metrics(out.logprobs, old, advantages[keep].float(), loss_config)
-    metrics.update({f"ekipl/{name}": value for name, value in out.stats.items()})
+    metrics.update({f"ekipl/{name}": value for name, value in stats_as_floats(out.stats).items()})
     return out.loss, metrics
 
 

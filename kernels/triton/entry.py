@@ -1,14 +1,17 @@
 """The three ``ekipl::`` ops on top of the kernels, with the ops' signatures and return conventions
 (outputs that were not asked for are empty tensors). The kernels take fp32, bf16 and fp16 inputs; fp64 is
 refused (its gradient does not fit the fp32 scratch it is written into in place), and the public functions
-send it to the chunked backend. Targets are made contiguous: the kernels index them by row.
+send it to the chunked backend. Targets are made contiguous: the kernels index them by row. ``schedule``,
+``path`` and ``scratch_bytes`` are the caller's decisions (see ``ops.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .linear_loss import fused_linear_loss, schedule_from_env
+from ..ops import SCHEDULES
+from ..options import LOGPROBS_PATHS
+from .linear_loss import cublas_logprobs, fused_linear_loss
 from .linear_stats import linear_stats
 from .logits_loss import logits_loss
 from .token_finish import token_finish
@@ -37,7 +40,7 @@ def _inv_tau(temperature: float) -> float:
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                            behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
                            expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy,
-                           grad_hidden, grad_weight):
+                           grad_hidden, grad_weight, schedule=0, scratch_bytes=0):
     _check_dtype("fused_linear_grpo_loss", hidden)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
                      eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
@@ -50,7 +53,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_e
                 torch.zeros_like(weight) if grad_weight else _empty(weight))
     loss, lp, ent, d_hidden, d_weight = fused_linear_loss(
         hidden.detach(), weight.detach(), targets.contiguous(), tok, _inv_tau(temperature), grad_hidden, grad_weight,
-        schedule_from_env(),
+        _choice("schedule", SCHEDULES, schedule), _scratch(scratch_bytes),
     )
     return (loss, lp, ent if need_entropy else _empty(lp), _empty(hidden) if d_hidden is None else d_hidden,
             _empty(weight) if d_weight is None else d_weight)
@@ -70,8 +73,25 @@ def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, 
             _empty(logits) if grad is None else grad)
 
 
-def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy):
+def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0):
     _check_dtype("fused_linear_logprobs", hidden)
     inv_tau = _inv_tau(temperature)
-    stats = token_finish(linear_stats(hidden.detach(), weight.detach(), targets.contiguous(), inv_tau), inv_tau)
-    return stats["logprobs"], stats["entropy"] if need_entropy else _empty(stats["logprobs"])
+    hidden, weight, targets = hidden.detach(), weight.detach(), targets.contiguous()
+    if _choice("path", LOGPROBS_PATHS, path) == "cublas":
+        lp, ent = cublas_logprobs(hidden, weight, targets, inv_tau, _scratch(scratch_bytes))
+    else:
+        stats = token_finish(linear_stats(hidden, weight, targets, inv_tau), inv_tau)
+        lp, ent = stats["logprobs"], stats["entropy"]
+    return lp, ent if need_entropy else _empty(lp)
+
+
+def _choice(name: str, names: tuple, index: int) -> str:
+    if not 0 <= index < len(names):
+        raise ValueError(f"{name} must index {names}; got {index}")
+    return names[index]
+
+
+def _scratch(scratch_bytes: int) -> int:
+    if scratch_bytes < 0:
+        raise ValueError(f"scratch_bytes must be >= 0 (0: the default); got {scratch_bytes}")
+    return scratch_bytes

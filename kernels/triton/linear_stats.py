@@ -16,9 +16,10 @@ import triton.language as tl
 
 from . import tuning
 from .online_softmax import merge_tile
+from .token_loss import VARLEN_ARGS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=VARLEN_ARGS + ["splits"])
 def _linear_stats_kernel(
     h_ptr, stride_h, w_ptr, stride_w, targets_ptr, part_ptr,
     N, V, H, inv_tau, splits, cols_per_split,

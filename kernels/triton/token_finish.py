@@ -11,10 +11,10 @@ import triton.language as tl
 
 from . import tuning
 from .online_softmax import finish_state, merge_states
-from .token_loss import TOKEN_INT_ARGS, TokenArgs, load_token_loss
+from .token_loss import TOKEN_INT_ARGS, VARLEN_ARGS, TokenArgs, load_token_loss
 
 
-@triton.jit(do_not_specialize=TOKEN_INT_ARGS)
+@triton.jit(do_not_specialize=TOKEN_INT_ARGS + VARLEN_ARGS + ["splits"])
 def _token_finish_kernel(
     part_ptr, splits, N, lp_out, ent_out, lse_out, loss_out, coef_lp_out, coef_ent_out, scale_ptr, inv_tau,
     adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
@@ -56,7 +56,7 @@ def token_finish(partials: torch.Tensor, inv_tau: float, tok: Optional[TokenArgs
                  grad_scale: Optional[torch.Tensor] = None) -> dict:
     """Merges ``[4, splits, N]`` partial states. Returns fp32 ``[N]`` vectors ``logprobs``, ``entropy``,
     ``lse``; with ``tok`` also ``loss`` (``w_t l_t``), ``coef_lp`` and ``coef_ent`` (see
-    :func:`.online_softmax.logit_grad_tile`, divided by ``grad_scale``)."""
+    :func:`.online_softmax.logit_grad_tile`, divided by ``grad_scale``; None: 1)."""
     _, splits, n = partials.shape
     new = lambda: torch.empty(n, dtype=torch.float32, device=partials.device)  # noqa: E731
     out = {"logprobs": new(), "entropy": new(), "lse": new()}
@@ -66,6 +66,8 @@ def token_finish(partials: torch.Tensor, inv_tau: float, tok: Optional[TokenArgs
     if n == 0:
         return out
     dummy = out["lse"]
+    if with_loss and grad_scale is None:
+        grad_scale = torch.ones((), dtype=torch.float32, device=partials.device)
     loss_args = tok.kernel_args() if with_loss else TokenArgs.unused_kernel_args(dummy)
     blocks = tuning.token_kernel_blocks()
     grid = (triton.cdiv(n, blocks["BLOCK"]),)

@@ -17,6 +17,10 @@ import triton.language as tl
 
 # Integer switches that Triton must not specialise on (a value of 1 would compile another variant).
 TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode"]
+# Counts that change with every varlen batch (N, and the vocabulary splits of the fused forward, which
+# follow N): specialising on them (N % 16, N == 1) would compile new variants as batches come, and no
+# kernel here gains from their divisibility.
+VARLEN_ARGS = ["N"]
 # The loss scalars in the order of the ``ekipl::`` ops and of ``token_loss`` (0 turns a cap or clamp off).
 SCALARS = ("eps_low", "eps_high", "dual_clip", "beta", "kl_kind", "entropy_coef", "expert_mode", "shaping_gamma",
            "is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp")
