@@ -7,23 +7,31 @@ temperature 1 (Liger's ``loss_type="bnpo"``). Implementations, from hidden state
 
 * ``gemm floor``: the three bare GEMMs of the fused loss (``h W^T``, ``dz W``, ``dz^T h``) in bf16.
 * ``ekipl rows`` / ``ekipl vocab``: :func:`ekipl_kernels.fused_linear_grpo_loss` with the Triton
-  backend and ``EKIPL_TRITON_SCHEDULE=rows`` (3 GEMMs) or ``vocab`` (4 GEMMs, least memory).
+  backend and ``KernelOptions(schedule="rows")`` (3 GEMMs) or ``"vocab"`` (4 GEMMs, least memory).
+* ``ekipl budget 2GB``: ``schedule="auto"`` under ``memory_budget_mb`` = 2 GB (the schedule it picks).
 * ``torch materialised``: ``h @ W.T`` in bf16, then log-softmax and the loss in fp32 with autograd.
 * ``liger fused-linear``: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (torch.compile'd, one sequence
   per chunk).
 * ``ekipl grpo_loss +gemm`` / ``liger grpo_loss +gemm``: materialised ``h @ W.T`` then ekipl's or
   Liger's Triton loss over the logits (Liger wants ``[B, T+1, V]``: one extra row per sequence).
 * ``... (logits only)``: the same two loss kernels alone, the logits being the input.
+* Log-probs passes (no gradient): ``gemm (one)``, the bare ``h W^T`` in bf16, their floor; ``ekipl
+  logprobs fused`` and ``ekipl logprobs cublas``, :func:`ekipl_kernels.fused_linear_logprobs` with either
+  ``KernelOptions.logprobs_path``. The report names the faster path (``logprobs_path_faster``).
 
-Time: median of ``--repeats`` runs after ``--warmup`` (CUDA events around forward + backward). Memory:
-``peak extra`` = ``torch.cuda.max_memory_allocated`` during the run minus what was allocated before it
-(inputs); ``workspace`` = ``peak extra`` minus the gradients left afterwards (every method must return
-them, so what remains is what it adds). Numerics: each method on the first sequence alone against the
-fp64 reference on the same bf16 inputs (relative errors of log-probs and gradients).
+Time: median of ``--repeats`` runs after ``--warmup`` (CUDA events around forward + backward); TFLOP/s
+counts the useful FLOPs (``6 N H V`` for a loss, ``2 N H V`` for log-probs). Memory: ``peak extra`` =
+``torch.cuda.max_memory_allocated`` during the run minus what was allocated before it (inputs);
+``workspace`` = ``peak extra`` minus the gradients left afterwards (every method must return them, so
+what remains is what it adds). Numerics: each method on the first sequence alone against the fp64
+reference on the same bf16 inputs (relative errors of log-probs and gradients).
+
+On CUDA it first asks how the Triton backend's GEMMs run and exits with status 2, timing nothing, when
+they would upcast to fp32 (the slow path; see ``kernels/triton/gemm.py``).
 
 ``--quick`` runs two tiny shapes on the CPU (Triton kernels through the interpreter), only to prove the
-script end to end. Prints one table; writes ``benchmarks/results/bench_loss_gpu[_quick].json`` and a PNG
-plot of time and memory against N.
+script end to end. Prints one table; writes ``benchmarks/results/bench_loss_gpu_<card>.json`` (or
+``bench_loss_gpu_quick.json``) and a PNG plot of time and memory against N beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +51,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
+from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
 from ekipl_kernels.inputs import prepare_token_inputs
 from ekipl_kernels.reference import token_losses
 
@@ -51,7 +59,9 @@ GPU_SHAPES = [(8192, 4096, 131072), (16384, 3584, 152064), (4096, 1536, 151936)]
 QUICK_SHAPES = [(256, 64, 1001), (512, 64, 2003)]
 CONFIG = LossConfig(beta=0.04, kl="k3", eps_low=0.2, eps_high=0.2)
 RESULTS = Path(__file__).resolve().parent / "results"
-GOALS = {"vs_floor": 1.25, "vs_liger_fused": 2.0, "extra_gb_at_16k": 2.0, "lp_err": 2e-3, "grad_err": 1e-2}
+BUDGET_BYTES = 2_000_000_000
+GOALS = {"vs_floor": 1.15, "vs_liger_fused": 2.0, "extra_gb_at_16k": BUDGET_BYTES / 1e9, "logprobs_vs_gemm": 1.1,
+         "lp_err": 2e-3, "grad_err": 1e-2}
 
 
 @dataclass
@@ -116,17 +126,40 @@ def make_problem(n: int, h: int, v: int, seq_len: int, device: torch.device, see
 Step = Callable[[], tuple]
 
 
-def ekipl_linear(schedule: str) -> Callable[[Problem, bool], Step]:
+def ekipl_linear(options: KernelOptions) -> Callable[[Problem, bool], Step]:
     def build(p: Problem, timed: bool = True) -> Step:
         def step():
-            os.environ["EKIPL_TRITON_SCHEDULE"] = schedule
-            out = fused_linear_grpo_loss(p.hidden, p.weight, p.targets, backend="triton", **p.keywords())
+            out = fused_linear_grpo_loss(p.hidden, p.weight, p.targets, backend="triton", options=options,
+                                         **p.keywords())
             out.loss.backward()
             return out.loss.detach(), out.logprobs
 
         return step
 
     return build
+
+
+def ekipl_logprobs(path: str) -> Callable[[Problem, bool], Step]:
+    options = KernelOptions(backend="triton", logprobs_path=path)
+
+    def build(p: Problem, timed: bool = True) -> Step:
+        def step():
+            lp = fused_linear_logprobs(p.hidden, p.weight, p.targets, options=options)
+            return lp.sum(), lp
+
+        return step
+
+    return build
+
+
+def gemm_once(p: Problem, timed: bool = True) -> Step:
+    h, w = p.hidden.detach(), p.weight.detach()
+
+    def step():
+        logits = h @ w.T
+        return logits[0, 0], None
+
+    return step
 
 
 def torch_materialised(p: Problem, timed: bool = True) -> Step:
@@ -254,15 +287,21 @@ def gemm_floor(p: Problem, timed: bool = True) -> Step:
 
 IMPLEMENTATIONS = {
     "gemm floor": (gemm_floor, "floor"),
-    "ekipl rows": (ekipl_linear("rows"), "linear"),
-    "ekipl vocab": (ekipl_linear("vocab"), "linear"),
+    "ekipl rows": (ekipl_linear(KernelOptions(schedule="rows")), "linear"),
+    "ekipl vocab": (ekipl_linear(KernelOptions(schedule="vocab")), "linear"),
+    "ekipl budget 2GB": (ekipl_linear(KernelOptions(memory_budget_mb=BUDGET_BYTES / 2**20)), "linear"),
     "torch materialised": (torch_materialised, "linear"),
     "liger fused-linear": (liger_fused_linear, "linear"),
     "ekipl grpo_loss +gemm": (ekipl_logits_gemm, "linear"),
     "liger grpo_loss +gemm": (liger_logits_gemm, "linear"),
     "ekipl grpo_loss (logits only)": (LogitsOnly("ekipl"), "logits"),
     "liger grpo_loss (logits only)": (LogitsOnly("liger"), "logits"),
+    "gemm (one)": (gemm_once, "logprobs floor"),
+    "ekipl logprobs fused": (ekipl_logprobs("fused"), "logprobs"),
+    "ekipl logprobs cublas": (ekipl_logprobs("cublas"), "logprobs"),
 }
+# Useful FLOPs of each kind, in units of N H V.
+FLOPS = {"floor": 6, "linear": 6, "logits": 0, "logprobs floor": 2, "logprobs": 2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,9 +380,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def numerics(build: Callable[[Problem, bool], Step], p: Problem, ref: dict) -> dict:
+def numerics(build: Callable[[Problem, bool], Step], p: Problem, ref: dict, kind: str) -> dict:
     step = build(p, False)
     loss, logprobs = step()
+    if kind == "logprobs":
+        return {"logprobs_rel_err": rel_err(logprobs, ref["logprobs"])}
     result = {"loss_rel_err": abs(float(loss) - ref["loss"]) / max(abs(ref["loss"]), 1e-6),
               "d_hidden_rel_err": rel_err(p.hidden.grad, ref["d_hidden"]),
               "d_weight_rel_err": rel_err(p.weight.grad, ref["d_weight"])}
@@ -370,8 +411,10 @@ def run_shape(shape, names, device, seq_len, warmup, repeats, numerics_seqs) -> 
         print(f"  {name} ...", file=sys.stderr, flush=True)
         try:
             row.update(measure(build(problem), problem, clock, warmup, repeats))
-            if kind == "linear":
-                row["numerics"] = numerics(build, subset, ref)
+            if kind in ("linear", "logprobs"):
+                row["numerics"] = numerics(build, subset, ref, kind)
+            if FLOPS[kind]:
+                row["tflops"] = FLOPS[kind] * n * h * v / (row["time_ms"] * 1e9)
         except Exception as exc:  # noqa: BLE001 - an implementation that fails is reported, not fatal
             row["note"] = "OOM" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         problem.clear_grads()
@@ -379,9 +422,11 @@ def run_shape(shape, names, device, seq_len, warmup, repeats, numerics_seqs) -> 
         problem.__dict__.pop("logits_leaf", None)
         _free()
         rows.append(row)
-    floor = next((r.get("time_ms") for r in rows if r["kind"] == "floor"), None)
+    floors = {kind: next((r.get("time_ms") for r in rows if r["kind"] == kind), None)
+              for kind in ("floor", "logprobs floor")}
     liger = next((r.get("time_ms") for r in rows if r["impl"] == "liger fused-linear"), None)
     for row in rows:
+        floor = floors["logprobs floor" if row["kind"].startswith("logprobs") else "floor"]
         if "time_ms" in row and floor:
             row["vs_floor"] = row["time_ms"] / floor
         if "time_ms" in row and liger and row["kind"] == "linear":
@@ -401,14 +446,15 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'N':>6} {'H':>5} {'V':>7}  {'implementation':<30} {'ms':>9} {'x floor':>8} {'liger/x':>8} "
-            f"{'extra GB':>9} {'work GB':>8} {'lp err':>8} {'dh err':>8} {'dW err':>8}  note")
+    head = (f"{'N':>6} {'H':>5} {'V':>7}  {'implementation':<30} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} "
+            f"{'liger/x':>8} {'extra GB':>9} {'work GB':>8} {'lp err':>8} {'dh err':>8} {'dW err':>8}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         num = r.get("numerics", {})
         lines.append(
             f"{r['n']:>6} {r['h']:>5} {r['v']:>7}  {r['impl']:<30} {_fmt(r.get('time_ms'), '9.2f')} "
-            f"{_fmt(r.get('vs_floor'), '8.2f')} {_fmt(r.get('liger_fused_over_this'), '8.2f')} "
+            f"{_fmt(r.get('tflops'), '8.0f')} {_fmt(r.get('vs_floor'), '8.2f')} "
+            f"{_fmt(r.get('liger_fused_over_this'), '8.2f')} "
             f"{_fmt(r.get('peak_extra_gb'), '9.2f')} {_fmt(r.get('workspace_gb'), '8.2f')} "
             f"{_fmt(num.get('logprobs_rel_err'), '8.1e')} {_fmt(num.get('d_hidden_rel_err'), '8.1e')} "
             f"{_fmt(num.get('d_weight_rel_err'), '8.1e')}  {r.get('note', '')}"
@@ -417,25 +463,41 @@ def table(rows: list[dict]) -> str:
 
 
 def goals(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked per shape for each ekipl schedule."""
+    """The issue's goals, checked per shape: the ekipl losses' time against the floor and their errors (the
+    budget row's peak memory at N = 16384), the log-probs passes' time against one GEMM."""
     out = []
     for r in rows:
-        if not r["impl"].startswith("ekipl ") or r["kind"] != "linear" or "time_ms" not in r:
+        if not r["impl"].startswith("ekipl ") or r["kind"] not in ("linear", "logprobs") or "time_ms" not in r:
             continue
         num = r.get("numerics", {})
-        checks = {
-            f"<= {GOALS['vs_floor']}x floor": r.get("vs_floor", float("inf")) <= GOALS["vs_floor"],
-            f">= {GOALS['vs_liger_fused']}x faster than liger fused-linear":
-                r.get("liger_fused_over_this", 0.0) >= GOALS["vs_liger_fused"],
-            f"lp err <= {GOALS['lp_err']}": num.get("logprobs_rel_err", float("inf")) <= GOALS["lp_err"],
-            f"grad err <= {GOALS['grad_err']}": max(num.get("d_hidden_rel_err", float("inf")),
-                                                    num.get("d_weight_rel_err", float("inf"))) <= GOALS["grad_err"],
-        }
-        if r["n"] == 16384 and "peak_extra_gb" in r:
-            checks[f"peak extra < {GOALS['extra_gb_at_16k']} GB"] = r["peak_extra_gb"] < GOALS["extra_gb_at_16k"]
+        checks = {f"lp err <= {GOALS['lp_err']}": num.get("logprobs_rel_err", float("inf")) <= GOALS["lp_err"]}
+        if r["kind"] == "logprobs":
+            checks[f"<= {GOALS['logprobs_vs_gemm']}x one GEMM"] = (
+                r.get("vs_floor", float("inf")) <= GOALS["logprobs_vs_gemm"])
+        else:
+            checks.update({
+                f"<= {GOALS['vs_floor']}x floor": r.get("vs_floor", float("inf")) <= GOALS["vs_floor"],
+                f">= {GOALS['vs_liger_fused']}x faster than liger fused-linear":
+                    r.get("liger_fused_over_this", 0.0) >= GOALS["vs_liger_fused"],
+                f"grad err <= {GOALS['grad_err']}": max(num.get("d_hidden_rel_err", float("inf")),
+                                                        num.get("d_weight_rel_err", float("inf"))) <= GOALS["grad_err"],
+            })
+        if r["impl"] == "ekipl budget 2GB" and r["n"] == 16384 and "peak_extra_gb" in r:
+            checks[f"peak extra <= {GOALS['extra_gb_at_16k']} GB"] = r["peak_extra_gb"] <= GOALS["extra_gb_at_16k"]
         verdict = ", ".join(f"{'PASS' if ok else 'FAIL'} {what}" for what, ok in checks.items())
         out.append(f"{r['impl']:<24} N={r['n']:<6} {verdict}")
     return out
+
+
+def faster_logprobs_path(rows: list[dict]) -> dict:
+    """Per shape, the log-probs path that ran faster (the choice for ``KernelOptions.logprobs_path``)."""
+    choice = {}
+    for n, h, v in dict.fromkeys((r["n"], r["h"], r["v"]) for r in rows):
+        timed = {r["impl"].rsplit(" ", 1)[1]: r["time_ms"] for r in rows
+                 if (r["n"], r["h"], r["v"]) == (n, h, v) and r["kind"] == "logprobs" and "time_ms" in r}
+        if len(timed) == 2:
+            choice[f"{n}x{h}x{v}"] = min(timed, key=timed.get)
+    return choice
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -488,6 +550,10 @@ def environment(device: torch.device) -> dict:
     except Exception:  # noqa: BLE001 - optional
         pass
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        from ekipl_kernels.triton_backend import kernel_package
+
+        env["gemm_path"] = kernel_package(interpreted=False).gemm.cuda_path(device)
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -519,7 +585,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run on a GPU, or pass --quick for the CPU end-to-end check")
         device = torch.device("cuda")
-        shapes, seq_len, warmup, repeats = GPU_SHAPES, 1024, 2, 5
+        shapes, seq_len, warmup, repeats = GPU_SHAPES, 1024, 2, 10
     shapes = args.shapes or shapes
     seq_len = args.seq_len or seq_len
     warmup = warmup if args.warmup is None else args.warmup
@@ -532,29 +598,32 @@ def main(argv=None) -> int:
         if n % seq_len:
             parser.error(f"N={n} must be a multiple of --seq-len {seq_len}")
 
-    out = args.out or RESULTS / ("bench_loss_gpu_quick.json" if args.quick else "bench_loss_gpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {**environment(device), "config": CONFIG.__dict__, "seq_len": seq_len, "warmup": warmup,
               "repeats": repeats, "goals": GOALS, "rows": []}
-    saved_schedule = os.environ.get("EKIPL_TRITON_SCHEDULE")
+    if report.get("gemm_path") == "upcast":
+        print(f"FAIL: torch {torch.__version__} refuses bf16 GEMMs with fp32 results; the Triton backend would upcast "
+              "the LM head to fp32 (the slow path). Nothing timed.", file=sys.stderr)
+        return 2
+    card = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+    out = args.out or RESULTS / ("bench_loss_gpu_quick.json" if args.quick else f"bench_loss_gpu_{card}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         print(f"shape N={shape[0]} H={shape[1]} V={shape[2]}", file=sys.stderr, flush=True)
         report["rows"] += run_shape(shape, names, device, seq_len, warmup, repeats, args.numerics_seqs)
         # Written after every shape, so that a run cut short still leaves what it measured.
         report["goal_checks"] = goals(report["rows"])
+        report["logprobs_path_faster"] = faster_logprobs_path(report["rows"])
         out.write_text(json.dumps(report, indent=2))
         plot(report["rows"], out.with_suffix(".png"))
         print(table(report["rows"]), file=sys.stderr, flush=True)
-    if saved_schedule is None:
-        os.environ.pop("EKIPL_TRITON_SCHEDULE", None)
-    else:
-        os.environ["EKIPL_TRITON_SCHEDULE"] = saved_schedule
     rows = report["rows"]
     print(f"# {report['device']}, torch {report['torch']}, triton {report.get('triton')}, "
-          f"liger {report.get('liger_kernel')}, commit {report['commit']}, {report['date']}")
+          f"liger {report.get('liger_kernel')}, GEMM path {report.get('gemm_path', '-')}, commit {report['commit']}, "
+          f"{report['date']}")
     print(table(rows))
     if device.type == "cuda":
         print("\n".join(["# goals"] + report["goal_checks"]))
+    print(f"# faster log-probs path: {report['logprobs_path_faster'] or '-'}")
     print(f"# wrote {out} and {out.with_suffix('.png')}")
     return 0
 
