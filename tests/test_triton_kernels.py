@@ -7,7 +7,8 @@ small but adversarial: V = 1001 against 256-wide vocabulary tiles, H = 40 agains
 scratch buffers small enough that the rows and vocab schedules both loop over several chunks.
 
 Tests named ``test_cuda_*`` run the same checks on the GPU at realistic shapes in bf16 (and are
-skipped elsewhere); ``benchmarks/gpu_check.sh`` runs them.
+skipped elsewhere): ``pytest tests/test_triton_kernels.py -k cuda``. ``benchmarks/gpu_check.sh`` runs the
+GPU proof of ``tests/test_triton_gpu.py`` and the timings instead, to fit its time.
 
 Thresholds (DESIGN.md): relative error ``|out - ref| / |ref|`` under 1e-4 with fp32 inputs, 1e-2 with
 bf16/fp16 inputs; on the GPU with bf16 inputs log-probs under 2e-3 and gradients under 1e-2. NaN never.
