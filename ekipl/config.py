@@ -189,7 +189,8 @@ class RolloutConfig:
 class DeepSpeedConfig:
     """config: a DeepSpeed JSON (or YAML) file, as given or relative to the repository root
     (``configs/ds_zero{0,1,2,3}.json``); precision, clipping and batch keys are filled in by the learner.
-    offload_reference: keep the frozen reference model on the CPU."""
+    offload_reference: keep the frozen reference model in host memory between passes, moved to the
+    accelerator for its log-prob pass."""
 
     config: str = "configs/ds_zero0.json"
     offload_reference: bool = False

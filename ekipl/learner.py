@@ -381,7 +381,8 @@ class Learner:
             local = sum(1 for s in seqs if s.num_tokens > 0)
         else:
             local = len(seqs)
-        return all_reduce_sum(float(local), self.device)
+        # at least 1: when every sequence is empty the loss is 0 anyway, and the loss refuses a 0 normaliser
+        return max(all_reduce_sum(float(local), self.device), 1.0)
 
     def _mini_batch_step(self, seqs: Sequence[TrainSequence], num_micro: int,
                          template: Optional[TrainSequence]) -> dict[str, float]:
@@ -454,7 +455,7 @@ class Learner:
                 old_logprobs=None if old is None else old.to(self.device),
                 ref_logprobs=None if ref is None else ref.to(self.device),
                 behavior_logprobs=behavior if self.loss_cfg.needs_behavior else None,
-                loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg,
+                loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg, advantage_level="sequence",
             )
             return result["out"].loss
 

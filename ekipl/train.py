@@ -218,14 +218,13 @@ class Trainer:
         reference = None
         if cfg.loss.beta > 0:
             reference = load().eval().requires_grad_(False)
-            if cfg.deepspeed.offload_reference:
-                reference = reference.to("cpu")
         ds_config = read_deepspeed_config(cfg.deepspeed.config)
         ds_config = {**ds_config, "gradient_clipping": cfg.optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
                      "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.learner = Learner(policy, loss=cfg.loss, optim=cfg.optim, ds_config=ds_config, max_steps=cfg.run.max_steps,
-                               pad_id=pad_id, reference=reference)
+                               pad_id=pad_id, reference=reference, offload_reference=cfg.deepspeed.offload_reference,
+                               expert_names=[expert.name for expert in cfg.experts.experts])
         if cfg.rollout.engine == "hf":
             self.engine = HFEngine.from_shared(self.learner.model, self.processor, device=self.device)
         else:
@@ -248,7 +247,7 @@ class Trainer:
         batch = self.make_experience(timer)
         self.engine.release_memory()  # a colocated engine frees the GPU for the learner; update_weights resumes it
         with timer.phase("logprobs"):
-            self.learner.fill_logprobs(batch.sequences, old=self.needs_old_logprobs(len(batch.sequences)))
+            self.learner.fill_logprobs(batch.sequences)
         with timer.phase("update"):
             update = self.learner.update(batch.sequences)
         self._judge_latest_checkpoint(update)
@@ -366,12 +365,6 @@ class Trainer:
         candidate = self.score(answer.token_ids, record, source=answer.expert_id, behavior=answer.logprobs, origins=answer.origins)
         answer.reward = candidate.reward  # the pool's per-expert metrics and prefix choice read it
         return candidate
-
-    def needs_old_logprobs(self, num_seqs: int) -> bool:
-        """pi_old equals pi_theta (ratio 1) when each rollout gets exactly one optimiser step; skip that pass."""
-        optim = self.cfg.optim
-        one_step = optim.ppo_epochs == 1 and (optim.mini_batch_size == 0 or optim.mini_batch_size >= num_seqs)
-        return not one_step or self.cfg.loss.needs_behavior
 
     def gathered_weights(self):
         """ZeRO-3 partitions the shared module's weights: gather them for generation on this rank."""

@@ -69,7 +69,7 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_and_exports_nothing(tiny_
 
 
 def test_faults_between_and_during_steps_lose_no_trained_step(tiny_model_dir, tmp_path):
-    cfg = {"run.max_steps": 3, "run.save_every": 1, "run.keep_last": 3, "run.eval_every": 2}
+    cfg = {"run.max_steps": 3, "run.save_every": 1, "run.keep_last": 3, "run.eval_every": 2, "run.eval_at_start": False}
 
     # an evaluation that fails (here: at step 2) comes after that step's checkpoint
     trainer = make_trainer(tmp_path, tiny_model_dir, **cfg)
