@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ekipl_kernels import LossConfig
+from ekipl_kernels import KernelOptions, LossConfig
 
 from .config_loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_overrides
 from .data.tasks import SYNTHETIC_TASK, TASK_FAMILIES
@@ -224,6 +224,8 @@ class TrainConfig:
     """The whole training config. ``loss.temperature``, when not given, is ``rollout.temperature``: the
     trainer's log-probs then describe the distribution the answers were sampled from. A different value
     is refused when the loss divides by the sampler's log-probs (``loss.tis_cap`` or ``expert_mode: is``).
+    ``loss_backend`` chooses how the fused loss runs (``ekipl_kernels.KernelOptions``: backend, Triton
+    schedule, chunk sizes, memory budget), never what it computes; environment variables override it.
 
     rewards: the reward functions summed into each answer's reward, by registry name (``format``,
     ``accuracy``, ...) or as ``module:function``; unset (null): the task family's (format + accuracy, or
@@ -236,6 +238,7 @@ class TrainConfig:
     experts: ExpertPoolConfig = field(default_factory=ExpertPoolConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     loss: LossConfig = field(default_factory=lambda: LossConfig(**TRAINER_LOSS_DEFAULTS))
+    loss_backend: KernelOptions = field(default_factory=KernelOptions)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -260,7 +263,7 @@ class TrainConfig:
 
 # Keys a resumed run may change freely: how long it runs, how it evaluates, saves and logs. Every other
 # key shapes the training itself, so a change is refused unless run.allow_config_change is set.
-RESUMABLE_KEYS = ("run.", "eval.", "data.eval_limit")
+RESUMABLE_KEYS = ("run.", "eval.", "data.eval_limit", "loss_backend.")
 FIXED_RUN_KEYS = ("run.seed",)
 
 

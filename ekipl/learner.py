@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
+from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 
 from .models import last_hidden_states
 from .packing import MicroBatch, TrainSequence, make_micro_batch, make_placeholder_micro_batch
@@ -231,10 +231,11 @@ class Learner:
         reference: Optional[nn.Module] = None,
         offload_reference: bool = False,
         expert_names: Sequence[str] = (),
+        kernel_options: KernelOptions = KernelOptions(),
     ) -> None:
         import deepspeed
 
-        self.loss_cfg, self.optim_cfg, self.pad_id = loss, optim, pad_id
+        self.loss_cfg, self.optim_cfg, self.pad_id, self.kernel_options = loss, optim, pad_id, kernel_options
         self.expert_names = list(expert_names)
         if loss.beta > 0 and reference is None:
             # copied before DeepSpeed wraps the policy: ZeRO-3 partitions its weights in place
@@ -337,7 +338,8 @@ class Learner:
         hidden = completion_hidden_states(model, mb)
         return _through_head(
             model.get_output_embeddings(),
-            lambda h, w: fused_linear_logprobs(h, w, mb.targets, temperature=self.loss_cfg.temperature),
+            lambda h, w: fused_linear_logprobs(h, w, mb.targets, temperature=self.loss_cfg.temperature,
+                                               options=self.kernel_options),
             hidden,
         )
 
@@ -456,6 +458,7 @@ class Learner:
                 ref_logprobs=None if ref is None else ref.to(self.device),
                 behavior_logprobs=behavior if self.loss_cfg.needs_behavior else None,
                 loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg, advantage_level="sequence",
+                options=self.kernel_options,
             )
             return result["out"].loss
 

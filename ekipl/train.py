@@ -222,7 +222,7 @@ class Trainer:
         ds_config = {**ds_config, "gradient_clipping": cfg.optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
                      "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.learner = Learner(policy, loss=cfg.loss, optim=cfg.optim, ds_config=ds_config, max_steps=cfg.run.max_steps,
+        self.learner = Learner(policy, loss=cfg.loss, kernel_options=cfg.loss_backend, optim=cfg.optim, ds_config=ds_config, max_steps=cfg.run.max_steps,
                                pad_id=pad_id, reference=reference, offload_reference=cfg.deepspeed.offload_reference,
                                expert_names=[expert.name for expert in cfg.experts.experts])
         if cfg.rollout.engine == "hf":

@@ -42,7 +42,8 @@ def test_a_run_tells_what_happened_and_a_rerun_is_safe(tiny_model_dir, tmp_path,
     assert len(list((tmp_path / "invocations").glob("*.yaml"))) == 4  # every invocation's resolved config is kept
 
 
-@pytest.mark.parametrize("allowed", [{"run.max_steps": 9}, {"eval.n": 2, "eval.k_values": [1, 2]}, {"run.eval_every": 5}])
+@pytest.mark.parametrize("allowed", [{"run.max_steps": 9}, {"eval.n": 2, "eval.k_values": [1, 2]}, {"run.eval_every": 5},
+                                     {"loss_backend.schedule": "vocab", "loss_backend.memory_budget_mb": 2048}])
 def test_run_length_evaluation_and_logging_keys_may_change_on_resume(allowed):
     from ekipl.config import load_config, resume_conflicts
     from ekipl.config_loader import to_dict
