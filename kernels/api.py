@@ -54,6 +54,7 @@ def fused_linear_grpo_loss(
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
     advantage_level: Optional[str] = None,
+    return_entropy: bool = False,
     backend: Optional[str] = None,
     options: Optional[KernelOptions] = None,
 ) -> LossOutput:
@@ -67,6 +68,9 @@ def fused_linear_grpo_loss(
     to the loss and its gradients, whatever their inputs hold; ``normalizer`` (finite, > 0) replaces the
     token count of token-mean, the sequence count of the seq-mean modes (pass the global count so that
     data-parallel ranks and micro-batches agree). The ``[N, V]`` logits are never materialised.
+    ``return_entropy``: fill ``LossOutput.entropy`` and ``stats["entropy_mean"]`` even when
+    ``config.entropy_coef == 0`` (for logging; detached, the loss and its gradients unchanged). The fused pass
+    forms the entropy beside the log-sum-exp, so asking costs one more sum per logit, no extra pass.
     ``backend`` (a name) wins over ``options.backend``; ``options`` (:class:`KernelOptions`, environment
     variables override it) say how, never what.
     """
@@ -80,10 +84,10 @@ def fused_linear_grpo_loss(
         config=config, advantage_level=advantage_level,
     )
     if name == "reference":
-        return reference.fused_linear_grpo_loss(hidden, weight, targets, **keywords)
+        return reference.fused_linear_grpo_loss(hidden, weight, targets, return_entropy=return_entropy, **keywords)
     tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords, check_values=values)
     grad_on = torch.is_grad_enabled()
-    need_entropy = config.entropy_coef != 0
+    need_entropy = return_entropy or config.entropy_coef != 0
     result = load_backend(name).linear_loss(
         hidden, weight, targets, tok, config, need_entropy=need_entropy,
         grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad, options=options,
@@ -107,6 +111,7 @@ def grpo_loss(
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
     advantage_level: Optional[str] = None,
+    return_entropy: bool = False,
     backend: Optional[str] = None,
     options: Optional[KernelOptions] = None,
 ) -> LossOutput:
@@ -121,9 +126,9 @@ def grpo_loss(
         config=config, advantage_level=advantage_level,
     )
     if name == "reference":
-        return reference.grpo_loss(logits, targets, **keywords)
+        return reference.grpo_loss(logits, targets, return_entropy=return_entropy, **keywords)
     tok = prepare_token_inputs(logits.shape[0], logits.device, **keywords, check_values=values)
-    need_entropy = config.entropy_coef != 0
+    need_entropy = return_entropy or config.entropy_coef != 0
     result = load_backend(name).logits_loss(
         logits, targets, tok, config, need_entropy=need_entropy,
         grad_logits=torch.is_grad_enabled() and logits.requires_grad,

@@ -135,8 +135,8 @@ class LossOutput:
 
     loss: 0-dim fp32, differentiable with respect to ``hidden`` and ``weight`` (or ``logits``) only.
     logprobs: ``[N]`` fp32 log-probs of the targets at the configured temperature, detached.
-    entropy: ``[N]`` fp32 entropies, detached; None unless ``entropy_coef != 0``.
-    stats: ``clip_frac``, ``ratio_mean``, ``kl_mean`` (beta > 0), ``entropy_mean`` (when computed),
+    entropy: ``[N]`` fp32 entropies, detached; None unless ``entropy_coef != 0`` or ``return_entropy=True``.
+    stats: ``clip_frac``, ``ratio_mean``, ``kl_mean`` (beta > 0), ``entropy_mean`` (with ``entropy``),
         ``tokens_policy``, ``tokens_expert``; means are over unmasked tokens. 0-dim fp32 tensors on the
         inputs' device, so that the loss never waits for the device: accumulate them as tensors and read
         them once, e.g. with :func:`stats_as_floats`.

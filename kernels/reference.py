@@ -173,13 +173,14 @@ def _loss(
     cu_seqlens: torch.Tensor,
     normalizer: Union[float, torch.Tensor, None] = None,
     config: LossConfig = LossConfig(),
+    return_entropy: bool = False,
     **keywords,
 ) -> LossOutput:
     tok = prepare_token_inputs(n, device, cu_seqlens=cu_seqlens, normalizer=normalizer, config=config, **keywords)
     act = active_token_losses(logits_of, targets, tok, config)
     loss_t = act.loss.new_zeros(n).index_add(0, act.index, act.loss)  # masked tokens: exactly 0
     loss = aggregate(loss_t, tok.mask, cu_seqlens, normalizer, config)
-    keep_entropy = config.entropy_coef != 0
+    keep_entropy = return_entropy or config.entropy_coef != 0
     return LossOutput(
         loss=loss.float(),
         logprobs=act.logprobs.float(),

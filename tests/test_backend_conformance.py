@@ -1,0 +1,68 @@
+"""Every fast backend (chunked, the C++ op, Triton, interpreted on CPU tensors) against the fp64 reference,
+through the public functions, on the shared random batches of ``ekipl_kernels.testing``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ekipl_kernels import LossConfig, fused_linear_grpo_loss, grpo_loss, stats_as_floats
+from ekipl_kernels.backends import BackendUnavailable, load_backend
+from ekipl_kernels.testing import random_batch
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _available(name: str):
+    try:
+        load_backend(name)
+    except BackendUnavailable as exc:
+        return pytest.param(name, marks=pytest.mark.skip(reason=str(exc)))
+    return name
+
+
+BACKENDS = [_available(name) for name in ("chunked", "cpu", "triton")]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape and bool(torch.isfinite(out).all())
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run(loss_fn, inputs, batch, config, backend, **extra):
+    """Loss output and the gradients of ``inputs`` (hidden and weight, or logits)."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = loss_fn(*inputs, batch.targets, config=config, backend=backend, **batch.keywords, **extra)
+    return out, torch.autograd.grad(out.loss, inputs)
+
+
+ENTRY_POINTS = {
+    "linear": (fused_linear_grpo_loss, lambda b: (b.hidden, b.weight)),
+    "logits": (grpo_loss, lambda b: (b.logits(),)),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_is_returned_for_logging_without_changing_the_loss(backend, entry):
+    """return_entropy=True with entropy_coef == 0: the reference's entropies and entropy_mean, the loss and its
+    gradients those of return_entropy=False (the entropy is detached, not part of the objective)."""
+    loss_fn, inputs_of = ENTRY_POINTS[entry]
+    batch = random_batch(seed=3, logit_scale=2.0)
+    config = LossConfig(beta=0.05, temperature=0.8)
+    out, grads = run(loss_fn, inputs_of(batch), batch, config, backend, return_entropy=True)
+    plain, plain_grads = run(loss_fn, inputs_of(batch), batch, config, backend)
+    ref, _ = run(loss_fn, [x.double() for x in inputs_of(batch)], batch, config, "reference", return_entropy=True)
+
+    assert plain.entropy is None and "entropy_mean" not in plain.stats
+    assert out.entropy.dtype == torch.float32 and not out.entropy.requires_grad
+    assert rel_err(out.entropy, ref.entropy) < TOLERANCE[batch.hidden.dtype]
+    assert float(out.stats["entropy_mean"]) == pytest.approx(float(ref.stats["entropy_mean"]), rel=1e-4)
+    assert out.stats.keys() == ref.stats.keys()
+    torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
+    for g, p in zip(grads, plain_grads):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    mask = batch.keywords["loss_mask"] != 0
+    expected = ref.entropy[mask].double().mean()
+    assert stats_as_floats(out.stats)["entropy_mean"] == pytest.approx(float(expected), rel=1e-4)
