@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from ..api import fused_linear_grpo_loss
 from ..config import LossConfig, LossOutput
@@ -245,9 +245,10 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        packed = lambda x: None if x is None else x.expand_as(mask)[keep]  # noqa: E731
+        policy_advantages = packed(advantages).float()  # TRL's clip metrics read them before the vLLM weights
         if self.use_vllm and self.vllm_importance_sampling_correction:
             advantages = advantages * inputs["importance_sampling_ratio"]
-        packed = lambda x: None if x is None else x.expand_as(mask)[keep]  # noqa: E731
         origin = inputs.get("origin")
         if origin is not None and origin.dim() == 1:
             origin = origin.unsqueeze(1)
@@ -261,6 +262,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             normalizer=self._normalizer(inputs, mask, train),
             config=self.fused_loss_config,
             advantage_level="token",
+            return_entropy=True,  # TRL logs it whatever entropy_coef
             backend=self.loss_backend,
         )
         targets = completion_ids[keep]
@@ -279,13 +281,47 @@ class FusedGRPOTrainer(GRPOTrainer):
         model_inputs.update({k: inputs[k] for k in _MODEL_INPUT_KEYS if inputs.get(k) is not None})
         with self.accelerator.autocast():
             output = model(**model_inputs, ekipl_loss=fused_loss)
-        self._log_fused_stats(output, "train" if train else "eval")
+        self._log_trl_metrics(output, loss_inputs, policy_advantages, cu_seqlens.diff(), train)
         return output.loss
 
-    def _log_fused_stats(self, output: LossOutput, mode: str) -> None:
-        """Per-rank means of the fused loss's statistics, averaged over ranks, under TRL's metric names."""
-        names = {"clip_frac": "clip_ratio/region_mean", "kl_mean": "kl", "entropy_mean": "entropy"}
-        for stat, name in names.items():
-            if stat in output.stats:
-                value = output.stats[stat].detach().to(self.accelerator.device)
-                self._metrics[mode][name].append(self.accelerator.gather(value).mean().item())
+    def _log_trl_metrics(self, output: LossOutput, loss_inputs: dict, advantages: torch.Tensor,
+                         lengths: torch.Tensor, train: bool) -> None:
+        """TRL 1.16's loss metrics with its definitions (``GRPOTrainer._compute_loss``), from the packed tokens:
+        ``entropy``, ``kl`` and the ``clip_ratio/*`` means are token means over every process's tokens; a token is
+        low-clipped when its ratio is under ``1 - epsilon`` with a negative advantage, high-clipped when over
+        ``1 + epsilon_high`` with a positive one (dual-clipped tokens are not counted apart);
+        ``clip_ratio/low_min`` and ``high_max`` are the extremes of the completions' own means (empty completions
+        left out); ``policy_loss`` and ``entropy_coef`` when the entropy bonus is on."""
+        mode = "train" if train else "eval"
+        metrics = self._metrics[mode]
+        lp = output.logprobs
+        count = torch.tensor(float(lp.numel()), device=lp.device)
+
+        def global_mean(x: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(torch.stack([x.float().sum(), count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def completion_means(x: torch.Tensor) -> torch.Tensor:  # 0/0 = NaN for an empty completion, as in TRL
+            owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=lp.device), lengths)
+            return torch.zeros(lengths.numel(), device=lp.device).index_add(0, owner, x.float()) / lengths
+
+        if self.beta != 0.0:
+            d = loss_inputs["ref_logprobs"] - lp
+            metrics["kl"].append(global_mean(torch.exp(d) - d - 1))
+        metrics["entropy"].append(global_mean(output.entropy))
+        old = loss_inputs["old_logprobs"]
+        ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
+        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        metrics["clip_ratio/low_mean"].append(global_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_mean(low | high))
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(completion_means(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(completion_means(high))).item())
+        if self._entropy_bonus_enabled:  # bnpo only (see unsupported_grpo_settings)
+            # TRL's policy_loss is the loss before the entropy bonus and the accumulation division.
+            accumulation = self.current_gradient_accumulation_steps if train else 1
+            policy_loss = output.loss.detach() * accumulation + self.entropy_coef * output.entropy.sum() / count.clamp(min=1.0)
+            metrics["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if train and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
