@@ -31,7 +31,8 @@ from ekipl.data.prompts import encode_prompt
 from ekipl.data.records import load_records
 from ekipl.data.synthetic import write_synthetic_dataset
 from ekipl.models import load_policy, load_processor
-from ekipl.rollout.base import GenerateStats, Prompt, SamplingParams
+from ekipl.data import Prompt
+from ekipl.rollout.base import GenerateStats, SamplingParams
 from ekipl.rollout.hf import HFEngine
 from ekipl.tools.tiny_model import build_tiny_model
 

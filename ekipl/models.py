@@ -12,10 +12,13 @@ import functools
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ekipl.data.prompts import Prompt
 
 # Qwen-VL families whose processor is built here from the PIL image processor (no torchvision, no video).
 QWEN_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -209,3 +212,9 @@ def last_hidden_states(
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
     """The LM-head weight ``[V, H]`` (the input embedding itself when the model ties them)."""
     return model.get_output_embeddings().weight
+
+
+def batch_multimodal_inputs(prompts: Sequence[Prompt], device: torch.device) -> dict[str, torch.Tensor]:
+    """Concatenate the prompts' processor tensors (images in prompt order) along their first dimension."""
+    keys = dict.fromkeys(key for prompt in prompts for key in prompt.mm_inputs)
+    return {key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys}

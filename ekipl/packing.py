@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rollout.base import Prompt, batch_multimodal_inputs
+from .data import Prompt
+from .models import batch_multimodal_inputs
 
 
 @dataclass

@@ -61,7 +61,8 @@ from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves
 from ekipl.packing import TrainSequence  # noqa: E402
 from ekipl.preflight import validate_startup  # noqa: E402
 from ekipl.rewards import RewardSet  # noqa: E402
-from ekipl.rollout.base import Prompt, SamplingParams  # noqa: E402
+from ekipl.data import Prompt  # noqa: E402
+from ekipl.rollout.base import SamplingParams  # noqa: E402
 from ekipl.run_folder import RunFolderError, RunLock, check_fresh_start  # noqa: E402
 from ekipl.sampler import PromptSampler  # noqa: E402
 from ekipl.step_stats import StepStats  # noqa: E402

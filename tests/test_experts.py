@@ -22,7 +22,8 @@ from ekipl.experts.pool import ExpertPool
 from ekipl.experts.prefix import guided_completion, prefix_length, prefixed_prompts
 from ekipl.experts.sglang_expert import SGLangExpert
 from ekipl.rewards import accuracy_reward
-from ekipl.rollout.base import Completion, Prompt, SamplingParams
+from ekipl.data import Prompt
+from ekipl.rollout.base import Completion, SamplingParams
 from ekipl.rollout.hf import HFEngine
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ekipl.groups import Candidate, GroupConfig, advantages_of, assemble_groups, record_group_metrics, select_group
 from ekipl.packing import TrainSequence, make_micro_batch
-from ekipl.rollout.base import Prompt
+from ekipl.data import Prompt
 from ekipl.step_stats import StepStats
 
 

@@ -2,7 +2,8 @@
 
 from ekipl.experts.base import ExpertAnswer
 from ekipl.experts.prefix import guided_completion, prefixed_prompts
-from ekipl.rollout.base import Completion, Prompt
+from ekipl.data import Prompt
+from ekipl.rollout.base import Completion
 
 
 def answer(uid, length, reward, expert_id=1):

@@ -16,7 +16,8 @@ from fakes.sglang import FakeSGLangServer, HFBackedGenerate, RecordingEngine
 from PIL import Image
 
 from ekipl.models import load_policy
-from ekipl.rollout.base import Prompt, SamplingParams
+from ekipl.data import Prompt
+from ekipl.rollout.base import SamplingParams
 from ekipl.rollout.hf import HFEngine
 from ekipl.rollout.sglang import (
     SGLangEngine,

@@ -1,6 +1,7 @@
 """Tasks, records and prompts: Reason-RFT's three task families and the offline synthetic counting task."""
 
 from ekipl.data.prompts import (
+    Prompt,
     build_messages,
     check_prompt_lengths,
     decode_completion,
@@ -12,6 +13,7 @@ from ekipl.data.records import BadRecordError, BadRow, LoadedDataset, Record, lo
 from ekipl.data.tasks import SYNTHETIC_TASK, TASK_FAMILIES, task_family
 
 __all__ = [
+    "Prompt",
     "BadRecordError",
     "BadRow",
     "LoadedDataset",

@@ -8,13 +8,30 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 from PIL import Image
 
 from ekipl.data.records import BadRecordError, BadRow, LoadedDataset, Record
 from ekipl.data.tasks import COUNTING, SPATIAL, STRUCTURE, is_choice_answer, task_family
-from ekipl.rollout.base import Prompt
+
+
+@dataclass
+class Prompt:
+    """One chat-templated prompt, ready for generation.
+
+    ``input_ids`` already hold the expanded image placeholder tokens, so that ``mm_inputs`` (the
+    processor's ``pixel_values``, ``image_grid_thw``, ...) line up with them for an HF forward pass;
+    ``images`` keeps the PIL images for engines that take raw images (SGLang's ``image_data``).
+    """
+
+    uid: str
+    input_ids: list[int]
+    images: list[Any] = field(default_factory=list)
+    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
 
 logger = logging.getLogger(__name__)
 

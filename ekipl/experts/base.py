@@ -18,7 +18,7 @@ from typing import Optional, Protocol, Sequence
 from ekipl.data.prompts import prompt_text
 from ekipl.data.records import Record
 from ekipl.experts.config import ExpertConfig
-from ekipl.rollout.base import Prompt
+from ekipl.data import Prompt
 
 
 class ExpertError(Exception):

@@ -40,7 +40,7 @@ from ekipl.experts.build import build_expert
 from ekipl.experts.cache import AnswerCache
 from ekipl.experts.config import ExpertPoolConfig
 from ekipl.experts.retokenize import Retokenizer
-from ekipl.rollout.base import Prompt
+from ekipl.data import Prompt
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ekipl.experts.base import ExpertAnswer
-from ekipl.rollout.base import Completion, Prompt
+from ekipl.data import Prompt
+from ekipl.rollout.base import Completion
 
 
 @dataclass

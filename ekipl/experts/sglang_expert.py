@@ -17,7 +17,8 @@ from typing import Sequence
 from ekipl.data.prompts import decode_completion, encode_prompt
 from ekipl.experts.base import ExpertReply, ExpertRequest, seconds_left, stable_seed
 from ekipl.experts.config import ExpertConfig
-from ekipl.rollout.base import Prompt, RolloutEngine
+from ekipl.data import Prompt
+from ekipl.rollout.base import RolloutEngine
 
 
 class SGLangExpert:

@@ -11,20 +11,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
-
-@dataclass
-class Prompt:
-    """One chat-templated prompt, ready for generation.
-
-    ``input_ids`` already hold the expanded image placeholder tokens, so that ``mm_inputs`` (the
-    processor's ``pixel_values``, ``image_grid_thw``, ...) line up with them for an HF forward pass;
-    ``images`` keeps the PIL images for engines that take raw images (SGLang's ``image_data``).
-    """
-
-    uid: str
-    input_ids: list[int]
-    images: list[Any] = field(default_factory=list)
-    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+from ekipl.data.prompts import Prompt  # the protocol's input; defined with the data that makes it
 
 
 @dataclass(frozen=True)
@@ -121,8 +108,3 @@ def check_generate_args(prompts: Sequence[Prompt], n: int, seeds: Sequence[Seque
     for group in seeds:
         if len(set(group)) != len(group):
             raise ValueError(f"seeds within a group must differ, or its samples repeat each other: got {list(group)}")
-
-def batch_multimodal_inputs(prompts: Sequence[Prompt], device: torch.device) -> dict[str, torch.Tensor]:
-    """Concatenate the prompts' processor tensors (images in prompt order) along their first dimension."""
-    keys = dict.fromkeys(key for prompt in prompts for key in prompt.mm_inputs)
-    return {key: torch.cat([p.mm_inputs[key] for p in prompts if key in p.mm_inputs]).to(device) for key in keys}

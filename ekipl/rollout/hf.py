@@ -19,16 +19,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ekipl.models import eos_token_ids, rope_position_ids
-from ekipl.rollout.base import (
-    Completion,
-    GenerateStats,
-    Prompt,
-    SamplingParams,
-    SyncStats,
-    batch_multimodal_inputs,
-    check_generate_args,
-)
+from ekipl.data import Prompt
+from ekipl.models import batch_multimodal_inputs, eos_token_ids, rope_position_ids
+from ekipl.rollout.base import Completion, GenerateStats, SamplingParams, SyncStats, check_generate_args
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

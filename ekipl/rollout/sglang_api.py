@@ -16,7 +16,8 @@ import hashlib
 import io
 from typing import Any, Callable, Sequence
 
-from ekipl.rollout.base import Completion, Prompt, SamplingParams
+from ekipl.data import Prompt
+from ekipl.rollout.base import Completion, SamplingParams
 
 # Memory tags of ``release_memory_occupation`` / ``resume_memory_occupation`` (``sglang.srt.constants``).
 KV_CACHE = "kv_cache"

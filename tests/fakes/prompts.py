@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ekipl.rollout.base import Prompt
+from ekipl.data import Prompt
 
 QUESTIONS = (
     "How many red cubes are there?",

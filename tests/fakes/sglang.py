@@ -21,7 +21,8 @@ from typing import Any
 
 from PIL import Image
 
-from ekipl.rollout.base import Prompt, SamplingParams
+from ekipl.data import Prompt
+from ekipl.rollout.base import SamplingParams
 from ekipl.rollout.hf import HFEngine
 
 
