@@ -14,7 +14,8 @@ How it runs (backend, Triton schedule, scratch sizes, memory budget, debug check
 
 from .api import fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
 from .config import LossConfig, LossOutput, stats_as_floats
+from .inputs import normalizer_count
 from .options import KernelOptions
 
 __all__ = ["KernelOptions", "LossConfig", "LossOutput", "fused_linear_grpo_loss", "grpo_loss", "fused_linear_logprobs",
-           "stats_as_floats"]
+           "normalizer_count", "stats_as_floats"]

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from .config import LossConfig
+from .config import AGGREGATIONS, LossConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ADVANTAGE_LEVELS = ("sequence", "token")
@@ -241,16 +241,51 @@ def _aggregation_scale(
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"normalizer must be a finite number > 0 (a token or sequence count); "
                                  f"got {value if is_tensor else normalizer!r}")
+    per_seq = torch.zeros(num_seqs, dtype=torch.float32, device=mask.device).index_add_(0, seq_index, mask)
+    denom = _count(config.agg, per_seq) if norm is None else norm
     if config.agg == "token-mean":
-        denom = mask.sum() if norm is None else norm
         return _safe_inverse(denom).expand_as(mask)
     if config.agg == "seq-mean-token-mean":
-        per_seq = torch.zeros(num_seqs, dtype=torch.float32, device=mask.device).index_add_(0, seq_index, mask)
-        # A sequence with no unmasked token carries no data: it neither contributes nor counts.
-        denom = (per_seq > 0).sum().float() if norm is None else norm
         return (_safe_inverse(per_seq) * _safe_inverse(denom))[seq_index]
-    denom = torch.tensor(float(num_seqs * config.max_len), device=mask.device) if norm is None else norm * config.max_len
-    return _safe_inverse(denom).expand_as(mask)
+    return _safe_inverse(denom * config.max_len).expand_as(mask)
+
+
+def _count(agg: str, per_seq: torch.Tensor) -> torch.Tensor:
+    """The default normaliser of ``agg`` from each sequence's unmasked weight."""
+    if agg == "token-mean":
+        return per_seq.sum()
+    if agg == "seq-mean-token-mean":
+        # A sequence with no unmasked token carries no data: it neither contributes nor counts.
+        return (per_seq > 0).sum().float()
+    return torch.tensor(float(per_seq.numel()), device=per_seq.device)
+
+
+def normalizer_count(
+    config: Union[LossConfig, str], cu_seqlens: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The count that the aggregation of ``config`` (or an aggregation name) divides by when no ``normalizer`` is
+    given: unmasked tokens ("token-mean"), sequences with an unmasked token ("seq-mean-token-mean"), sequences
+    ("seq-mean-token-sum-norm"). 0-dim fp32 on the inputs' device, nothing read back.
+
+    To make micro-batches and data-parallel ranks agree, sum it over the micro-batches of a step and all-reduce
+    it over ranks, then pass the total as ``normalizer`` (at least 1: with nothing unmasked the loss is 0 anyway).
+    Packed: ``cu_seqlens [S+1]`` and ``loss_mask [N]`` as for the loss (None: every token). Padded:
+    ``cu_seqlens=None`` and ``loss_mask [B, T]``, one sequence a row.
+    """
+    agg = config.agg if isinstance(config, LossConfig) else config
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {agg!r}")
+    if cu_seqlens is None:
+        if loss_mask is None or loss_mask.dim() != 2:
+            raise ValueError("normalizer_count: without cu_seqlens, loss_mask must be a padded [B, T] mask")
+        per_seq = loss_mask.detach().float().sum(-1)
+    elif loss_mask is None:
+        per_seq = cu_seqlens.diff().float()
+    else:  # segment sums through a running sum: no per-token sequence index, no length read back
+        cu = cu_seqlens.long()
+        running = torch.nn.functional.pad(loss_mask.detach().double().cumsum(0), (1, 0))
+        per_seq = (running[cu[1:]] - running[cu[:-1]]).float()
+    return _count(agg, per_seq)
 
 
 def _safe_inverse(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, grpo_loss, stats_as_floats
+from ekipl_kernels import LossConfig, fused_linear_grpo_loss, grpo_loss, normalizer_count, stats_as_floats
 from ekipl_kernels.backends import BackendUnavailable, load_backend
 from ekipl_kernels.testing import random_batch
 
@@ -66,3 +66,23 @@ def test_entropy_is_returned_for_logging_without_changing_the_loss(backend, entr
     mask = batch.keywords["loss_mask"] != 0
     expected = ref.entropy[mask].double().mean()
     assert stats_as_floats(out.stats)["entropy_mean"] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_normalizer_count_is_the_loss_default(agg):
+    """Passing normalizer_count(...) as the normaliser gives the loss without one; packed and padded agree."""
+    batch = random_batch(seed=5)
+    config = LossConfig(agg=agg, max_len=20 if agg == "seq-mean-token-sum-norm" else None)
+    kw = batch.keywords
+    count = normalizer_count(config, kw["cu_seqlens"], kw["loss_mask"])
+    expected = {"token-mean": kw["loss_mask"].sum(), "seq-mean-token-mean": 5.0, "seq-mean-token-sum-norm": 6.0}[agg]
+    assert float(count) == float(expected)  # one of the six sequences is fully masked
+    plain = fused_linear_grpo_loss(batch.hidden, batch.weight, batch.targets, config=config, backend="reference", **kw)
+    given = fused_linear_grpo_loss(batch.hidden, batch.weight, batch.targets, config=config, backend="reference",
+                                   normalizer=count, **kw)
+    torch.testing.assert_close(given.loss, plain.loss)
+    lengths = kw["cu_seqlens"].diff()
+    padded = torch.zeros(len(lengths), int(lengths.max()))
+    for row, (start, length) in enumerate(zip(kw["cu_seqlens"][:-1].tolist(), lengths.tolist())):
+        padded[row, :length] = kw["loss_mask"][start:start + length]
+    assert float(normalizer_count(agg, None, padded)) == float(count)

@@ -33,6 +33,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from ..api import fused_linear_grpo_loss
 from ..config import LossConfig, LossOutput
+from ..inputs import normalizer_count
 
 # TRL loss_type -> the LossConfig aggregation with the same per-token weights (normalisers in _normalizer).
 AGGREGATION_OF_LOSS_TYPE = {
@@ -227,7 +228,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         if self.loss_type in ("grpo", "dr_grpo"):  # every completion counts, all-masked ones included
             return torch.tensor(float(batch_size * accumulation), device=mask.device)
         if self.loss_type == "bnpo":
-            return mask.sum().float().clamp(min=1.0) * accumulation
+            return normalizer_count("token-mean", None, mask).clamp(min=1.0) * accumulation
         # dapo: num_items_in_batch counts the generation batch's tokens over all processes
         normalizer = inputs["num_items_in_batch"].float().clamp(min=1.0) / self.accelerator.num_processes
         if train:

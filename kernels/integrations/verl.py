@@ -33,6 +33,7 @@ import torch
 
 from ..api import fused_linear_grpo_loss
 from ..config import LossConfig, stats_as_floats
+from ..inputs import normalizer_count
 
 # verl's loss_agg_mode -> the LossConfig aggregation with the same per-token weights (normaliser: _aggregation).
 AGGREGATION_OF_AGG_MODE = {
@@ -126,12 +127,12 @@ def _normalizer(loss_agg_mode: str, mask: torch.Tensor, batch_info: dict) -> tor
     if loss_agg_mode == "token-mean":
         tokens = batch_info.get("batch_num_tokens")
         if tokens is None:
-            tokens = mask.sum().clamp(min=1)
+            tokens = normalizer_count("token-mean", None, mask).clamp(min=1)
         return torch.as_tensor(tokens, dtype=torch.float32, device=mask.device) / dp_size
     if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         sequences = batch_info.get("global_batch_size")
-        if sequences is None:  # verl leaves fully masked sequences out of the count
-            sequences = (mask.sum(-1) > 0).sum().clamp(min=1)
+        if sequences is None:  # verl leaves fully masked responses out of the count
+            sequences = normalizer_count("seq-mean-token-mean", None, mask).clamp(min=1)
         return torch.as_tensor(sequences, dtype=torch.float32, device=mask.device) / dp_size
     return torch.ones((), device=mask.device)  # seq-mean-token-sum-norm: sum / loss_scale_factor only
 
