@@ -17,13 +17,14 @@ bf16/fp16 inputs; on the GPU with bf16 inputs log-probs under 2e-3 and gradients
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 
 from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
 from ekipl_kernels.backends import resolve_backend
+from ekipl_kernels.testing import RandomBatch, random_batch
 
 triton = pytest.importorskip("triton")
 triton_backend = pytest.importorskip("ekipl_kernels.triton_backend")
@@ -45,49 +46,9 @@ CONFIGS = {
 }
 
 
-@dataclass
-class Batch:
-    """A packed batch: sequences of 1 token, a fully masked one, an expert-only one, one that switches
-    from expert to policy mid-way (LUFFY's prefix), and plain policy ones."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    targets: torch.Tensor
-    keywords: dict
-
-    def logits(self) -> torch.Tensor:
-        return (self.hidden.double() @ self.weight.double().T).to(self.hidden.dtype)
-
-
-def make_batch(*, vocab=1001, hidden_size=40, lengths=(1, 9, 1, 12, 17, 8), dtype=torch.float32, device="cpu",
-               logit_scale=1.0, seed=0, per_token_advantages=False) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    # Logits of spread ~logit_scale: hidden ~ N(0, 1), weight rows ~ N(0, 1/H).
-    hidden = (torch.randn(n, hidden_size, generator=gen) * logit_scale).to(dtype).to(device)
-    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype).to(device)
-    targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
-    origin = torch.zeros(n, dtype=torch.long)
-    mask = torch.ones(n)
-    seq = lambda s: slice(int(cu[s]), int(cu[s + 1]))  # noqa: E731
-    mask[seq(1)] = 0.0  # fully masked sequence
-    origin[seq(3)] = 2  # expert-only sequence
-    origin[int(cu[4]): int(cu[4]) + 6] = 1  # expert prefix, then the policy continues
-    mask[int(cu[5]) + 5:] = 0.0  # padding at the tail
-    lp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1).cpu()
-    # Old log-probs spread the ratios across both clip boundaries; behaviour and reference likewise.
-    old = (lp + 0.4 * torch.randn(n, generator=gen)).float()
-    ref = (lp + 0.3 * torch.randn(n, generator=gen)).float()
-    behavior = (lp + 0.5 * torch.randn(n, generator=gen)).float()
-    num_adv = n if per_token_advantages else len(lengths)
-    advantages = torch.randn(num_adv, generator=gen)
-    to = lambda t: t.to(device)  # noqa: E731
-    keywords = dict(
-        advantages=to(advantages), cu_seqlens=to(cu), origin=to(origin), old_logprobs=to(old), ref_logprobs=to(ref),
-        behavior_logprobs=to(behavior), loss_mask=to(mask),
-    )
-    return Batch(hidden, weight, targets, keywords)
+# The shared adversarial batch (one-token, fully masked, expert-only and expert-prefix sequences, a padded tail).
+Batch = RandomBatch
+make_batch = random_batch
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
