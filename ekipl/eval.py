@@ -157,6 +157,20 @@ def evaluate(
     return summary
 
 
+def held_out_rewards(predictions_path: str | Path, records: Sequence[Record], rewards) -> dict[str, float]:
+    """The training reward (``rewards``, a :class:`~ekipl.rewards.RewardSet`) and format rate of an evaluation's
+    answers: the held-out mean reward, beside the benchmark's score."""
+    solutions = {r.id: r.solution for r in records}
+    totals, formatted = [], []
+    for line in Path(predictions_path).read_text().splitlines():
+        row = json.loads(line)
+        for text in row["completions"]:
+            parts = rewards.components(text, solutions[row["id"]])
+            totals.append(sum(parts.values()))
+            formatted.append(float(parts.get("format", 0.0) > 0))
+    return {"eval/reward_mean": sum(totals) / len(totals), "eval/format_rate": sum(formatted) / len(formatted)}
+
+
 def format_table(summaries: Sequence[dict]) -> str:
     """A plain-text table: one line per test set and subset, score and pass@k columns."""
     metrics = sorted({key for s in summaries for key in s if key.startswith("pass@")}, key=lambda m: int(m[5:]))

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import time
 import types
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
+from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, normalizer_count
 
+from . import checkpoint
 from .models import last_hidden_states
 from .packing import MicroBatch, TrainSequence, make_micro_batch, make_placeholder_micro_batch
 
@@ -247,7 +250,8 @@ class Learner:
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         self.schedule = StepSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, max_steps)))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=PolicyLoss(policy), optimizer=optimizer, lr_scheduler=self.schedule, config=ds_config
+            model=PolicyLoss(policy), optimizer=optimizer, lr_scheduler=self.schedule,
+            config=engine_config(ds_config, optim, next(policy.parameters()).dtype)
         )
         self.device = self.engine.device
         self.bad_steps = 0
@@ -377,12 +381,8 @@ class Learner:
 
     def _normalizer(self, seqs: Sequence[TrainSequence]) -> float:
         """The global count that the loss divides by, summed over micro-batches and data-parallel ranks."""
-        if self.loss_cfg.agg == "token-mean":
-            local = sum(s.num_tokens for s in seqs)
-        elif self.loss_cfg.agg == "seq-mean-token-mean":
-            local = sum(1 for s in seqs if s.num_tokens > 0)
-        else:
-            local = len(seqs)
+        lengths = [s.num_tokens for s in seqs]
+        local = normalizer_count(self.loss_cfg, torch.tensor([0, *itertools.accumulate(lengths)])) if seqs else 0
         # at least 1: when every sequence is empty the loss is 0 anyway, and the loss refuses a 0 normaliser
         return max(all_reduce_sum(float(local), self.device), 1.0)
 
@@ -458,7 +458,7 @@ class Learner:
                 ref_logprobs=None if ref is None else ref.to(self.device),
                 behavior_logprobs=behavior if self.loss_cfg.needs_behavior else None,
                 loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg, advantage_level="sequence",
-                options=self.kernel_options,
+                options=self.kernel_options, return_entropy=True,  # logged whatever loss.entropy_coef
             )
             return result["out"].loss
 
@@ -563,6 +563,36 @@ class Learner:
                 "optim.max_bad_steps"
             )
 
+    def gathered_weights(self) -> contextlib.AbstractContextManager:
+        """The policy's whole weights on this rank while the context is open (ZeRO-3 partitions them), for
+        generation with the shared module."""
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    # -- checkpoints and export ------------------------------------------------------------------------
+    def save_checkpoint(self, root: Path, step: int, client_state: dict, keep_last: int) -> Path:
+        return checkpoint.save(self.engine, root, step, client_state, keep_last)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return checkpoint.load_from(self.engine, path)
+
+    def load_latest_checkpoint(self, root: Path) -> Optional[tuple[Path, dict]]:
+        return checkpoint.load_latest(self.engine, root)
+
+    def export(self, out: Path, processor) -> Path:
+        """The policy and ``processor`` as an HF folder at ``out``, written by rank 0 (a collective under ZeRO-3)."""
+        from .export import save_hf_folder
+
+        state = None
+        if self.engine.zero_optimization_stage() == 3:  # gather the partitions; drop the engine wrapper's prefix
+            state = {k.removeprefix("policy."): v for k, v in self.engine._zero3_consolidated_16bit_state_dict().items()}
+        if is_main_rank():
+            save_hf_folder(self.model, processor, out, state_dict=state)
+        return out
+
     def named_weights(self):
         """The policy's parameters by transformers name, for the rollout engine's weight sync.
 
@@ -577,6 +607,14 @@ class Learner:
         for name, param in self.model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 yield name, param.detach().clone()
+
+
+def engine_config(ds_config: dict, optim: OptimConfig, dtype: torch.dtype) -> dict:
+    """A DeepSpeed config (``deepspeed.config``) with the keys the learner decides: clipping from
+    ``optim.grad_clip``, one sequence batch per forward (the learner packs and accumulates itself), and bf16
+    when the policy is bf16."""
+    return {**ds_config, "gradient_clipping": optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
 
 
 def _chunks(items: Sequence, size: int):

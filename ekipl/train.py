@@ -10,13 +10,9 @@ weight sync -> metrics. Everything else here is setup, checkpoints and evaluatio
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,28 +47,18 @@ from ekipl.config import TrainConfig, load_config, read_deepspeed_config, resume
 from ekipl.config_loader import ConfigError, config_yaml, to_dict  # noqa: E402
 from ekipl.config_reference import cli_parser  # noqa: E402
 from ekipl.data import (  # noqa: E402
-    BadRecordError, Record, check_prompt_lengths, decode_completion, encode_prompt, load_records,
+    BadRecordError, Record, check_prompt_lengths, load_records,
 )
 from ekipl.experts.pool import ExpertPool  # noqa: E402
-from ekipl.experts.prefix import guided_completion, prefixed_prompts  # noqa: E402
-from ekipl.groups import Candidate, Group, assemble_groups, record_group_metrics  # noqa: E402
+from ekipl.experience import ExperienceMaker, sample_seed  # noqa: E402
 from ekipl.learner import Learner, NonFiniteLossError, all_reduce_sum  # noqa: E402
 from ekipl.metrics import MetricsLogger, PhaseTimer, peak_memory_gb, plot_curves  # noqa: E402
-from ekipl.packing import TrainSequence  # noqa: E402
 from ekipl.preflight import validate_startup  # noqa: E402
 from ekipl.rewards import RewardSet  # noqa: E402
-from ekipl.data import Prompt  # noqa: E402
 from ekipl.rollout.base import SamplingParams  # noqa: E402
 from ekipl.run_folder import RunFolderError, RunLock, check_fresh_start  # noqa: E402
 from ekipl.sampler import PromptSampler  # noqa: E402
-from ekipl.step_stats import StepStats  # noqa: E402
 from ekipl.stop_request import StopRequest  # noqa: E402
-
-
-def sample_seed(*parts: object) -> int:
-    """A distinct 31-bit seed per (run seed, step, prompt, sample): no collisions inside a group."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 class RunStopped(RuntimeError):
@@ -81,17 +67,6 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class Experience:
-    """One step's scored candidates (per prompt), the selected groups and the sequences to train on."""
-
-    records: list[Record]
-    policy: list[list[Candidate]]
-    experts: list[list[Candidate]]
-    groups: list[Group]
-    sequences: list[TrainSequence]
 
 
 class Trainer:
@@ -219,11 +194,9 @@ class Trainer:
         reference = None
         if cfg.loss.beta > 0:
             reference = load().eval().requires_grad_(False)
-        ds_config = read_deepspeed_config(cfg.deepspeed.config)
-        ds_config = {**ds_config, "gradient_clipping": cfg.optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
-                     "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.learner = Learner(policy, loss=cfg.loss, kernel_options=cfg.loss_backend, optim=cfg.optim, ds_config=ds_config, max_steps=cfg.run.max_steps,
+        self.learner = Learner(policy, loss=cfg.loss, kernel_options=cfg.loss_backend, optim=cfg.optim,
+                               ds_config=read_deepspeed_config(cfg.deepspeed.config), max_steps=cfg.run.max_steps,
                                pad_id=pad_id, reference=reference, offload_reference=cfg.deepspeed.offload_reference,
                                expert_names=[expert.name for expert in cfg.experts.experts])
         if cfg.rollout.engine == "hf":
@@ -235,8 +208,9 @@ class Trainer:
         self.rewards = RewardSet.for_task(cfg.data.task, cfg.rewards)
         self.experts = ExpertPool(cfg.experts, self.processor, seed=cfg.run.seed, max_answer_tokens=cfg.rollout.max_new_tokens)
         self.sampler = PromptSampler(len(self.train_records), cfg.run.seed)
-        self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
-        self._prompt_cache: dict[str, Prompt] = {}
+        self.experience = ExperienceMaker(cfg, records=self.train_records, sampler=self.sampler, processor=self.processor,
+                                          engine=self.engine, experts=self.experts, rewards=self.rewards, rank=self.rank,
+                                          world=self.world, generation_context=self.learner.gathered_weights)
         self.step_index = 0
         self._unjudged_checkpoint: Optional[Path] = None  # saved (or resumed) weights not yet seen to give a finite loss
         self._skipped_eval_ids: set[str] = set()
@@ -245,7 +219,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         timer, start = PhaseTimer(), time.perf_counter()
         torch.manual_seed(sample_seed(self.cfg.run.seed, self.step_index, self.rank, "torch"))
-        batch = self.make_experience(timer)
+        batch = self.experience.make(self.step_index, timer)
         self.engine.release_memory()  # a colocated engine frees the GPU for the learner; update_weights resumes it
         with timer.phase("logprobs"):
             self.learner.fill_logprobs(batch.sequences)
@@ -256,7 +230,7 @@ class Trainer:
             sync = self.engine.update_weights(self.learner.named_weights())
         self.step_index += 1
         seconds = time.perf_counter() - start
-        stats = self.rollout_stats(batch)
+        stats = self.experience.stats(batch)
         generated = sum(len(c.token_ids) for group in batch.policy for c in group)
         stats.total("tokens_per_s", (generated + sum(s.num_tokens for s in batch.sequences)) / seconds)
         return {
@@ -266,146 +240,8 @@ class Trainer:
             "sync/bytes": float(sync.bytes), "sync/buckets": float(sync.buckets), "sync/seconds": sync.seconds,
             "time/step": seconds,
             "memory/peak_gb": peak_memory_gb(self.device),
-            "data/skipped_rows": float(self.skipped_rows + len(self._skipped_eval_ids)),
+            "data/skipped_rows": float(self.skipped_rows + self.experience.skipped_rows + len(self._skipped_eval_ids)),
         }
-
-    def make_experience(self, timer: PhaseTimer) -> "Experience":
-        """Prompts -> policy and expert answers -> rewards -> groups -> the sequences to train on."""
-        cfg = self.cfg
-        with timer.phase("prompts"):
-            records, prompts = self.next_prompts()
-        with timer.phase("experts_submit"):
-            pending = self.experts.submit(records, prompts, step=self.step_index) if self.experts.infuse_always else None
-        with timer.phase("rollout"):
-            policy_answers = self.policy_rollout(prompts, self.plain_samples)
-        with timer.phase("rewards"):
-            policy = [[self.score(c.token_ids, r, source=0, behavior=c.logprobs, truncated=c.finish_reason == "length")
-                       for c in group]
-                      for group, r in zip(policy_answers, records)]
-        with timer.phase("experts"):
-            if pending is None and self.experts.enabled:
-                solved = [[c.reward for c in group] for group in policy]
-                pending = self.experts.submit_unsolved(records, prompts, solved, step=self.step_index)
-            answers = self.experts.collect(pending) if pending is not None else [[] for _ in records]
-            experts = [[self.score_expert(a, r) for a in per_prompt] for per_prompt, r in zip(answers, records)]
-        if cfg.experts.prefix_ratio > 0:
-            with timer.phase("guided_rollout"):
-                for index, candidate in self.guided_rollout(prompts, answers, records):
-                    policy[index].append(candidate)
-        with timer.phase("groups"):
-            pooled = [p + e for p, e in zip(policy, experts)]
-            groups = assemble_groups(pooled, cfg.group, random.Random(sample_seed(cfg.run.seed, self.step_index, self.rank)))
-            sequences = [TrainSequence(prompts[g.prompt_index], c.token_ids, c.origins, a, c.behavior_logprobs)
-                         for g in groups for c, a in zip(g.members, g.advantages)]
-        return Experience(records, policy, experts, groups, sequences)
-
-    def next_prompts(self) -> tuple[list[Record], list[Prompt]]:
-        """This rank's share of the step's prompts, encoded once and cached by record id.
-
-        A record whose image fails to decode now (it passed the load-time check) is skipped and
-        counted under ``data.skip_bad_rows``; otherwise it stops the run with the file and row.
-        """
-        indices = self.sampler.next_batch(self.cfg.data.prompts_per_step)
-        records, prompts = [], []
-        for index in indices[self.rank :: self.world]:
-            record = self.train_records[index]
-            try:
-                prompts.append(self.encode(record))
-            except BadRecordError:
-                if not self.cfg.data.skip_bad_rows:
-                    raise
-                self.skipped_rows += 1
-                continue
-            records.append(record)
-        return records, prompts
-
-    def encode(self, record: Record) -> Prompt:
-        if record.id not in self._prompt_cache:
-            self._prompt_cache[record.id] = encode_prompt(
-                self.processor, record, max_pixels=self.cfg.data.max_pixels, max_prompt_len=self.cfg.data.max_prompt_len
-            )
-        return self._prompt_cache[record.id]
-
-    @property
-    def plain_samples(self) -> int:
-        """Policy samples per prompt; with prefix guidance, ``prefix_samples`` of them start from an expert prefix."""
-        guided = self.cfg.experts.prefix_samples if self.cfg.experts.prefix_ratio > 0 and self.experts.enabled else 0
-        return self.cfg.rollout.n_policy - guided
-
-    def policy_rollout(self, prompts: Sequence[Prompt], n: int, tag: str = "", sampling: Optional[SamplingParams] = None):
-        seeds = [[sample_seed(self.cfg.run.seed, self.step_index, p.uid, tag, j) for j in range(n)] for p in prompts]
-        with self.gathered_weights():
-            return self.engine.generate(prompts, n, sampling or self.sampling, seeds)
-
-    def guided_rollout(self, prompts, answers, records):
-        """LUFFY's prefix guidance: the policy continues the first part of expert answers (mixed origins)."""
-        prefixed = prefixed_prompts(prompts, answers, prefix_ratio=self.cfg.experts.prefix_ratio,
-                                    samples_per_prompt=self.cfg.experts.prefix_samples,
-                                    max_new_tokens=self.cfg.rollout.max_new_tokens)
-        if not prefixed:
-            return []
-        # prefix + continuation stay within rollout.max_new_tokens: one call with the largest budget,
-        # and guided_completion cuts each continuation to its own
-        sampling = replace(self.sampling, max_new_tokens=max(p.continuation_budget for p in prefixed))
-        continuations = self.policy_rollout([p.prompt for p in prefixed], 1, tag="guided", sampling=sampling)
-        guided = []
-        for item, (continuation,) in zip(prefixed, continuations):
-            joined = guided_completion(item, continuation)
-            behavior = joined.behavior_logprobs or [float("nan")] * len(joined.prefix_ids) + joined.continuation_logprobs
-            guided.append((item.prompt_index, self.score(joined.token_ids, records[item.prompt_index], source=0,
-                                                         behavior=behavior, origins=joined.origins,
-                                                         truncated=joined.continuation.finish_reason == "length")))
-        return guided
-
-    def score(self, token_ids, record: Record, *, source: int, behavior=None, origins=None, truncated=False) -> Candidate:
-        text = decode_completion(self.tokenizer, token_ids)
-        parts = self.rewards.components(text, record.solution)
-        return Candidate(list(token_ids), source, sum(parts.values()), origins, behavior, parts, truncated)
-
-    def score_expert(self, answer, record: Record) -> Candidate:
-        candidate = self.score(answer.token_ids, record, source=answer.expert_id, behavior=answer.logprobs, origins=answer.origins)
-        answer.reward = candidate.reward  # the pool's per-expert metrics and prefix choice read it
-        return candidate
-
-    def gathered_weights(self):
-        """ZeRO-3 partitions the shared module's weights: gather them for generation on this rank."""
-        import contextlib
-
-        if self.learner.engine.zero_optimization_stage() == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(self.learner.model.parameters()), modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def rollout_stats(self, batch: Experience) -> StepStats:
-        """Rewards, lengths, groups and experts of the step, over every rank (reduced by the caller).
-
-        The policy's own samples are reported apart from prefix-guided ones, which start from an
-        expert's prefix and would inflate ``reward/mean`` and ``response_length``.
-        """
-        stats = StepStats()
-        own = [c for group in batch.policy for c in group if not c.guided]
-        guided = [c for group in batch.policy for c in group if c.guided]
-        infused = [c for group in batch.experts for c in group]
-        stats.mean("reward/mean", [c.reward for c in own], std=True)
-        for name in self.rewards.functions:
-            stats.mean(f"reward/{name}", [c.reward_parts[name] for c in own])
-        if "format" in self.rewards.functions:
-            stats.mean("reward/format_rate", [float(c.reward_parts["format"] > 0) for c in own])
-        stats.mean("response_length", [len(c.token_ids) for c in own])
-        stats.mean("rollout/truncated_frac", [float(c.truncated) for c in own])
-        stats.mean("reward/expert_mean", [c.reward for c in infused])
-        stats.total("reward/expert_answers", len(infused))
-        if self.cfg.experts.prefix_ratio > 0:
-            stats.mean("guided/reward_mean", [c.reward for c in guided])
-            stats.mean("guided/response_length", [len(c.token_ids) for c in guided])
-            stats.total("guided/samples", len(guided))
-        record_group_metrics(batch.groups, stats, [e.name for e in self.cfg.experts.experts])
-        for key, value in self.experts.step_metrics().items():
-            # the pool's counts add up over ranks; its latencies, rewards and fractions are per-rank means
-            per_rank_mean = key.endswith(("latency_s", "reward_mean", "_frac"))
-            (stats.rank_mean if per_rank_mean else stats.total)(key, value)
-        return stats
 
     # -- checkpoints, evaluation, export ----------------------------------------------------------------
     def client_state(self) -> dict:
@@ -422,12 +258,12 @@ class Trainer:
         if resume == "never":
             return
         if resume == "auto":
-            found = checkpoint.load_latest(self.learner.engine, self.checkpoint_dir)
+            found = self.learner.load_latest_checkpoint(self.checkpoint_dir)
             if found is None:
                 return
             path, state = found
         else:
-            path, state = Path(resume), checkpoint.load_from(self.learner.engine, Path(resume))
+            path, state = Path(resume), self.learner.load_checkpoint(Path(resume))
         self._check_resumed_config(path, state.get("config"))
         self.step_index = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
@@ -464,8 +300,7 @@ class Trainer:
                 print(f"[ekipl] step {self.step_index}: no checkpoint saved, the last update had a non-finite loss; "
                       f"{self.last_good_note()}", file=sys.stderr)
             return None
-        path = checkpoint.save(self.learner.engine, self.checkpoint_dir, self.step_index, self.client_state(),
-                               self.cfg.run.keep_last)
+        path = self.learner.save_checkpoint(self.checkpoint_dir, self.step_index, self.client_state(), self.cfg.run.keep_last)
         self._unjudged_checkpoint = path
         self.console.say(f"step {self.step_index}: checkpoint {path}")
         return path
@@ -485,14 +320,14 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         import torch.distributed as dist
-        from ekipl.eval import evaluate
+        from ekipl.eval import evaluate, held_out_rewards
 
         records = self.test_records[: self.cfg.data.eval_limit or None]
         if not records:
             return {}
         e = self.cfg.eval
         summary = {}
-        with self.gathered_weights():
+        with self.learner.gathered_weights():
             if self.is_main:
                 summary = evaluate(
                     self.engine, records, self.processor, task=self.cfg.data.task,
@@ -505,34 +340,13 @@ class Trainer:
         if not summary:
             return {}
         self._skipped_eval_ids.update(summary["skipped_ids"])
-        return {"eval/score": summary["score"], **self.held_out_rewards(summary["predictions"], records),
+        return {"eval/score": summary["score"], **held_out_rewards(summary["predictions"], records, self.rewards),
                 **{f"eval/{k}": v for k, v in summary.items() if k.startswith("pass@")},
                 "eval/skipped_rows": float(len(summary["skipped_ids"]))}
 
-    def held_out_rewards(self, predictions_path: str, records: Sequence[Record]) -> dict[str, float]:
-        """The training reward (and format rate) of the evaluation's answers: the held-out mean reward."""
-        solutions = {r.id: r.solution for r in records}
-        totals, formatted = [], []
-        for line in Path(predictions_path).read_text().splitlines():
-            row = json.loads(line)
-            for text in row["completions"]:
-                parts = self.rewards.components(text, solutions[row["id"]])
-                totals.append(sum(parts.values()))
-                formatted.append(float(parts.get("format", 0.0) > 0))
-        return {"eval/reward_mean": sum(totals) / len(totals), "eval/format_rate": sum(formatted) / len(formatted)}
-
     def export(self) -> Path:
-        """An HF-format folder (save_pretrained of policy and processor) that transformers and SGLang load."""
-        out = self.out_dir / "hf_export"
-        engine = self.learner.engine
-        state = None
-        if engine.zero_optimization_stage() == 3:  # gather the partitions; drop the engine wrapper's prefix
-            state = {k.removeprefix("policy."): v for k, v in engine._zero3_consolidated_16bit_state_dict().items()}
-        if self.is_main:
-            from ekipl.export import save_hf_folder
-
-            save_hf_folder(self.learner.model, self.processor, out, state_dict=state)
-        return out
+        """An HF-format folder (policy and processor) that transformers and SGLang load."""
+        return self.learner.export(self.out_dir / "hf_export", self.processor)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:

@@ -45,11 +45,10 @@ def join_process_group() -> None:
 
 
 def ds_config(stage: int) -> dict:
-    """configs/ds_zero{stage}.json with the keys the trainer fills in."""
+    """configs/ds_zero{stage}.json (the learner fills in its batch, clipping and precision keys)."""
     from ekipl.config import read_deepspeed_config
 
-    return {**read_deepspeed_config(str(REPO / "configs" / f"ds_zero{stage}.json")), "gradient_clipping": 1.0,
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": False}}
+    return read_deepspeed_config(str(REPO / "configs" / f"ds_zero{stage}.json"))
 
 
 def sequences(processor) -> list:

@@ -35,7 +35,7 @@ def trainer(tiny_model_dir, tmp_path_factory):
 
 
 def test_one_step_matches_the_reference_loss_and_gradient(trainer):
-    batch = trainer.make_experience(PhaseTimer())
+    batch = trainer.experience.make(trainer.step_index, PhaseTimer())
     seqs = batch.sequences
     assert any(o > 0 for s in seqs for o in s.origins), "the oracle's answers should join the groups"
     learner = trainer.learner
@@ -74,7 +74,7 @@ def test_one_step_matches_the_reference_loss_and_gradient(trainer):
 
 def test_nan_guard_skips_then_stops(trainer, monkeypatch):
     learner = trainer.learner
-    batch = trainer.make_experience(PhaseTimer())
+    batch = trainer.experience.make(trainer.step_index, PhaseTimer())
     learner.fill_logprobs(batch.sequences, old=False)
     before = [p.detach().clone() for p in learner.model.parameters()]
     real = learner._micro_batch_loss
@@ -117,7 +117,7 @@ def test_resume_reproduces_an_uninterrupted_run_across_an_epoch_boundary(tiny_mo
     assert resumed.sampler.epoch >= 1  # 4 steps x 4 prompts over 6 records crosses epochs
     row = json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("reward/mean", "reward/mean_std", "rollout/truncated_frac", "groups/zero_variance_frac",
-                "groups/selected_share/oracle", "experts/oracle/received", "reward/expert_answers"):
+                "groups/selected_share/oracle", "experts/oracle/received", "reward/expert_answers", "loss/entropy_mean"):
         assert key in row and math.isfinite(row[key]), key
     assert 0.0 <= row["rollout/truncated_frac"] <= 1.0 and row["groups/selected_share/oracle"] == row["groups/action_source_ratio"]
     assert _comparable(straight) == _comparable(split)
@@ -198,7 +198,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient_under_every_zero_st
 
     extra = {"deepspeed.config": f"configs/ds_zero{stage}.json", "loss.beta": 0.0, "optim.micro_batch_size": 5}
     trainer = Trainer(load_config(None, overrides(tmp_path, tiny_model_dir, **extra)))
-    seqs = trainer.make_experience(PhaseTimer()).sequences
+    seqs = trainer.experience.make(trainer.step_index, PhaseTimer()).sequences
     assert len(seqs) > 5  # several micro-batches
     expected = _reference_grad_norm(tiny_model_dir, seqs, trainer.learner.pad_id, trainer.cfg.loss,
                                     trainer.learner._normalizer(seqs))

@@ -50,10 +50,9 @@ def join_process_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def ds_config(stage: int, grad_clip: float = 1.0) -> dict:
-    """configs/ds_zero{stage}.json with the keys the trainer fills in."""
+def ds_config(stage: int) -> dict:
+    """configs/ds_zero{stage}.json (the learner fills in its batch, clipping and precision keys)."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "configs" / f"ds_zero{stage}.json"
-    return {**read_deepspeed_config(str(path)), "gradient_clipping": grad_clip, "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1, "bf16": {"enabled": False}}
+    return read_deepspeed_config(str(path))
