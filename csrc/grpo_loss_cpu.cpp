@@ -1,9 +1,10 @@
 // CPU implementations of the ekipl:: ops whose schemas ekipl_kernels/ops.py defines.
 //
 // Tokens are processed a chunk of rows at a time: one GEMM writes the chunk's logits into a fp32 buffer
-// (fp64 for fp64 inputs), one fused pass per row (at::parallel_for) turns each row into its log-prob,
+// (fp64 for fp64 inputs), the LM head's bias (if any) is added, one fused pass per row (at::parallel_for) turns each row into its log-prob,
 // entropy, per-token loss and, in place, its logit gradient; two more GEMMs take that buffer to the
-// hidden-state gradient of the chunk and the weight gradient (accumulated across chunks in fp32).
+// hidden-state gradient of the chunk and the weight gradient (accumulated across chunks in fp32); the bias
+// gradient is the column sums of the logit gradient.
 // The [N, V] logits never exist and are never recomputed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -186,11 +187,11 @@ at::Tensor sum_in_order(const std::vector<double>& values) {
 
 at::Tensor float_vector(int64_t n, bool wanted) { return at::empty({wanted ? n : 0}, at::kFloat); }
 
-// logits = hidden @ weight.T a chunk at a time; with tokens, also the loss and (on request) its gradients.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pass(
-    const char* op, const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets_in,
-    double temperature, const TokenBatch* tokens, bool need_entropy, bool grad_hidden, bool grad_weight,
-    int64_t scratch_bytes) {
+// logits = hidden @ weight.T + bias a chunk at a time; with tokens, also the loss and (on request) its gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pass(
+    const char* op, const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& targets_in, double temperature, const TokenBatch* tokens, bool need_entropy, bool grad_hidden,
+    bool grad_weight, bool grad_bias, int64_t scratch_bytes) {
   check_float_input(op, "hidden", hidden_in, 2);
   check_float_input(op, "weight", weight_in, 2);
   TORCH_CHECK(weight_in.scalar_type() == hidden_in.scalar_type(), "ekipl::", op, ": weight dtype ",
@@ -199,13 +200,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
               " and weight ", weight_in.sizes(), " disagree on H");
   TORCH_CHECK(temperature > 0.0, "ekipl::", op, ": temperature must be > 0; got ", temperature);
   const int64_t n = hidden_in.size(0), vocab = weight_in.size(0), width = hidden_in.size(1);
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->device().is_cpu() && bias_in->dim() == 1 && bias_in->size(0) == vocab &&
+                    bias_in->scalar_type() == weight_in.scalar_type(),
+                "ekipl::", op, ": bias must be a CPU tensor [", vocab, "] of the weight's dtype; got ", bias_in->sizes(),
+                " ", bias_in->scalar_type());
+  }
+  grad_bias = grad_bias && bias_in.has_value();
   const at::Tensor targets = checked_targets(op, targets_in, n, vocab);
   const at::ScalarType dtype = hidden_in.scalar_type();
   const at::ScalarType acc = accumulate_type(dtype);
-  const bool want_grads = tokens != nullptr && (grad_hidden || grad_weight);
+  const bool want_grads = tokens != nullptr && (grad_hidden || grad_weight || grad_bias);
 
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor weight = weight_in.to(acc).contiguous();  // converted once; no copy for fp32/fp64
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->to(acc).contiguous()) : std::nullopt;
+  at::Tensor d_bias_acc = grad_bias && tokens != nullptr ? at::zeros({vocab}, weight.options()) : at::Tensor();
   at::Tensor logprobs = float_vector(n, true);
   at::Tensor entropy = float_vector(n, need_entropy);
   std::vector<double> weighted_loss(tokens != nullptr ? n : 0, 0.0);
@@ -225,12 +236,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
     const at::Tensor h = hidden.narrow(0, start, rows).to(acc);  // a view for fp32/fp64
     at::Tensor logits = buffer.narrow(0, 0, rows);
     at::mm_out(logits, h, weight.t());
+    if (bias.has_value()) logits.add_(*bias);
     AT_DISPATCH_FLOATING_TYPES(acc, "ekipl_linear_rows", [&] {
       scalar_t* x = logits.data_ptr<scalar_t>();
       process_rows<scalar_t>(x, want_grads ? x : nullptr, start, rows, vocab, temperature,
                              targets.data_ptr<int64_t>(), tokens, need_entropy, out);
     });
     if (!want_grads) continue;
+    if (grad_bias) d_bias_acc.add_(logits.sum(0));  // masked rows' gradients are exactly 0
     if (grad_hidden) {
       at::Tensor dh = d_hidden.narrow(0, start, rows);
       if (dtype == acc) {
@@ -251,33 +264,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_pa
 
   const at::Tensor loss = tokens != nullptr ? sum_in_order(weighted_loss) : at::Tensor();
   const at::Tensor d_weight = grad_weight && tokens != nullptr ? d_weight_acc.to(dtype) : weight_in.new_empty({0});
-  return {loss, logprobs, entropy, d_hidden, d_weight};
+  const at::Tensor d_bias = d_bias_acc.defined() ? d_bias_acc.to(dtype) : weight_in.new_empty({0});
+  return {loss, logprobs, entropy, d_hidden, d_weight, d_bias};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_grpo_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_grpo_loss(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& advantages,
     const at::Tensor& agg_weight, const at::Tensor& is_expert, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
     double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
     double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_hidden, bool grad_weight,
-    int64_t /*schedule: one on CPU*/, int64_t scratch_bytes) {
+    int64_t /*schedule: one on CPU*/, int64_t scratch_bytes, const std::optional<at::Tensor>& bias, bool grad_bias) {
   const char* op = "fused_linear_grpo_loss";
   check_float_input(op, "hidden", hidden, 2);
   const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
                           expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
   const TokenBatch tokens(op, hidden.size(0), advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                           behavior_logprobs, params);
-  return linear_pass(op, hidden, weight, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight,
-                     scratch_bytes);
+  return linear_pass(op, hidden, weight, bias, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight,
+                     grad_bias, scratch_bytes);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                                                          const at::Tensor& targets, double temperature,
                                                          bool need_entropy, int64_t /*path: one on CPU*/,
-                                                         int64_t scratch_bytes) {
-  auto [loss, logprobs, entropy, d_hidden, d_weight] = linear_pass(
-      "fused_linear_logprobs", hidden, weight, targets, temperature, nullptr, need_entropy, false, false, scratch_bytes);
+                                                         int64_t scratch_bytes, const std::optional<at::Tensor>& bias) {
+  auto [loss, logprobs, entropy, d_hidden, d_weight, d_bias] = linear_pass(
+      "fused_linear_logprobs", hidden, weight, bias, targets, temperature, nullptr, need_entropy, false, false, false,
+      scratch_bytes);
   return {logprobs, entropy};
 }
 

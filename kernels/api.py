@@ -23,20 +23,19 @@ class _PrecomputedGradLoss(torch.autograd.Function):
     """A scalar loss whose input gradients were formed during the forward (never recomputed)."""
 
     @staticmethod
-    def forward(ctx, loss, grad_a, grad_b, input_a, input_b):  # noqa: D401 - autograd signature
-        ctx.save_for_backward(grad_a, grad_b)
-        ctx.has = (grad_a is not None, grad_b is not None)
+    def forward(ctx, loss, grad_a, grad_b, grad_c, input_a, input_b, input_c):  # noqa: D401 - autograd signature
+        ctx.save_for_backward(grad_a, grad_b, grad_c)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_a, grad_b = ctx.saved_tensors
+        grads = ctx.saved_tensors
         if not torch.compiler.is_compiling() and bool(grad_output == 1):
             # The usual loss.backward(): hand the gradients over as they are; scaling them by 1 would
             # copy a [V, H] weight gradient at the peak of the step.
-            return None, None, None, grad_a, grad_b
+            return None, None, None, None, *grads
         scale = lambda g: None if g is None else g * grad_output.to(g.dtype)  # noqa: E731
-        return None, None, None, scale(grad_a), scale(grad_b)
+        return None, None, None, None, *(scale(g) for g in grads)
 
 
 def fused_linear_grpo_loss(
@@ -46,6 +45,7 @@ def fused_linear_grpo_loss(
     *,
     advantages: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
     origin: Optional[torch.Tensor] = None,
     old_logprobs: Optional[torch.Tensor] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
@@ -60,7 +60,8 @@ def fused_linear_grpo_loss(
 ) -> LossOutput:
     """GRPO loss over mixed-origin packed sequences, straight from hidden states and the LM head.
 
-    ``hidden [N, H]`` and ``weight [V, H]`` share a dtype (fp32, bf16, fp16); ``targets [N]`` int64;
+    ``hidden [N, H]`` and ``weight [V, H]`` share a dtype (fp32, bf16, fp16); ``targets [N]`` int64; ``bias [V]``
+    (the LM head's bias, same dtype, or None): ``logits = hidden @ weight.T + bias``, differentiable in it too;
     ``cu_seqlens [S+1]`` (0 ... N); ``advantages [S]`` or ``[N]``, read per sequence or per token by
     ``advantage_level`` ("sequence" or "token"; None: by the shape, which raises when S == N and some
     sequence is empty, the one case where the readings differ); ``origin [N]`` (0 policy, e > 0 expert e);
@@ -76,7 +77,7 @@ def fused_linear_grpo_loss(
     """
     options = _with_env(options)
     values = values_checked(hidden.device, options.debug_checks)
-    check_matrix_inputs(hidden, weight, targets, values=values)
+    check_matrix_inputs(hidden, weight, targets, bias, values=values)
     name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
@@ -84,15 +85,19 @@ def fused_linear_grpo_loss(
         config=config, advantage_level=advantage_level,
     )
     if name == "reference":
-        return reference.fused_linear_grpo_loss(hidden, weight, targets, return_entropy=return_entropy, **keywords)
+        return reference.fused_linear_grpo_loss(hidden, weight, targets, bias=bias, return_entropy=return_entropy,
+                                                **keywords)
     tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords, check_values=values)
     grad_on = torch.is_grad_enabled()
     need_entropy = return_entropy or config.entropy_coef != 0
     result = load_backend(name).linear_loss(
-        hidden, weight, targets, tok, config, need_entropy=need_entropy,
-        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad, options=options,
+        hidden, weight, targets, tok, config, bias=bias, need_entropy=need_entropy,
+        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad,
+        grad_bias=grad_on and bias is not None and bias.requires_grad, options=options,
     )
-    loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, result.grad_weight, hidden, weight)
+    loss = _PrecomputedGradLoss.apply(
+        result.loss, result.grad_input, result.grad_weight, result.grad_bias, hidden, weight, bias
+    )
     stats = reference.statistics(result.logprobs, result.entropy, tok, config)
     return LossOutput(loss, result.logprobs, result.entropy, stats)
 
@@ -133,7 +138,7 @@ def grpo_loss(
         logits, targets, tok, config, need_entropy=need_entropy,
         grad_logits=torch.is_grad_enabled() and logits.requires_grad,
     )
-    loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, None, logits, None)
+    loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, None, None, logits, None, None)
     stats = reference.statistics(result.logprobs, result.entropy, tok, config)
     return LossOutput(loss, result.logprobs, result.entropy, stats)
 
@@ -143,27 +148,29 @@ def fused_linear_logprobs(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
     backend: Optional[str] = None,
     options: Optional[KernelOptions] = None,
 ):
-    """fp32 ``[N]`` log-probs of ``targets`` (and entropies) under ``softmax(hidden @ weight.T / T)``.
+    """fp32 ``[N]`` log-probs of ``targets`` (and entropies) under ``softmax((hidden @ weight.T + bias) / T)``.
 
     For the old-policy and reference passes: no gradient, no ``[N, V]`` tensor kept.
     """
     options = _with_env(options)
-    check_matrix_inputs(hidden, weight, targets, values=values_checked(hidden.device, options.debug_checks))
+    check_matrix_inputs(hidden, weight, targets, bias, values=values_checked(hidden.device, options.debug_checks))
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
     if name == "reference":
         return reference.fused_linear_logprobs(
-            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
+            hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
     with torch.no_grad():
         lp, entropy = load_backend(name).linear_logprobs(
-            hidden.detach(), weight.detach(), targets, float(temperature), return_entropy, options
+            hidden.detach(), weight.detach(), targets, float(temperature), return_entropy, options,
+            bias=None if bias is None else bias.detach(),
         )
     return (lp, entropy) if return_entropy else lp
 

@@ -31,31 +31,37 @@ def _chunk_loss(logits_of, targets: torch.Tensor, tok: TokenInputs, rows: slice,
     return (act.loss * chunk.agg_weight[act.index]).sum(), act.logprobs, act.entropy
 
 
-def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden,
-                grad_weight, options: KernelOptions):
+def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, bias, need_entropy, grad_hidden,
+                grad_weight, grad_bias, options: KernelOptions):
     n = hidden.shape[0]
     w32 = weight.detach().float().requires_grad_(grad_weight)
+    b32 = torch.zeros(weight.shape[0], device=weight.device) if bias is None else bias.detach().float()
+    b32.requires_grad_(grad_bias)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if need_entropy else None
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
     d_weight = torch.zeros_like(w32) if grad_weight else None
+    d_bias = torch.zeros_like(b32) if grad_bias else None
     for rows in _row_chunks(n, weight.shape[0]):
         with torch.enable_grad():
             h = hidden[rows].detach().float().requires_grad_(grad_hidden)
-            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: h[i] @ w32.T, targets, tok, rows, config)
-            wanted = [t for t, need in ((h, grad_hidden), (w32, grad_weight)) if need]
+            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: h[i] @ w32.T + b32, targets, tok, rows, config)
+            wanted = [t for t, need in ((h, grad_hidden), (w32, grad_weight), (b32, grad_bias)) if need]
             # A chunk without unmasked tokens does not depend on h: its gradient is zero (materialised).
             grads = list(torch.autograd.grad(chunk_loss, wanted, materialize_grads=True)) if wanted else []
         if grad_hidden:
             d_hidden[rows] = grads.pop(0).to(hidden.dtype)
         if grad_weight:
             d_weight += grads.pop(0)
+        if grad_bias:
+            d_bias += grads.pop(0)
         loss += chunk_loss.detach()
         lp[rows] = chunk_lp
         if need_entropy:
             entropy[rows] = chunk_ent
-    return FusedResult(loss, lp, entropy, d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+    cast = lambda g: None if g is None else g.to(weight.dtype)  # noqa: E731
+    return FusedResult(loss, lp, entropy, d_hidden, cast(d_weight), cast(d_bias))
 
 
 def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits):
@@ -78,13 +84,16 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
 
 
 @torch.no_grad()
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions,
+                    bias=None):
     n = hidden.shape[0]
     lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     w32 = weight.float()
+    b32 = 0.0 if bias is None else bias.float()
     for rows in _row_chunks(n, weight.shape[0]):
-        lp[rows], chunk_entropy = logprobs_and_entropy(hidden[rows].float() @ w32.T, targets[rows], temperature)
+        logits = hidden[rows].float() @ w32.T + b32
+        lp[rows], chunk_entropy = logprobs_and_entropy(logits, targets[rows], temperature)
         if return_entropy:
             entropy[rows] = chunk_entropy
     return lp, entropy

@@ -25,17 +25,18 @@ def _token_args(tok: TokenInputs) -> tuple:
 
 
 def linear_loss(
-    hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden, grad_weight,
-    options: KernelOptions,
+    hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, bias, need_entropy, grad_hidden, grad_weight,
+    grad_bias, options: KernelOptions,
 ):
-    loss, logprobs, entropy, d_hidden, d_weight = torch.ops.ekipl.fused_linear_grpo_loss(
+    loss, logprobs, entropy, d_hidden, d_weight, d_bias = torch.ops.ekipl.fused_linear_grpo_loss(
         hidden.detach(), weight.detach(), targets, *_token_args(tok), **ops.config_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
-        scratch_bytes=options.scratch_bytes("cpu_chunk_mb"),
+        scratch_bytes=options.scratch_bytes("cpu_chunk_mb"), bias=None if bias is None else bias.detach(),
+        grad_bias=grad_bias,
     )
     return FusedResult(
         loss, logprobs, entropy if need_entropy else None, d_hidden if grad_hidden else None,
-        d_weight if grad_weight else None,
+        d_weight if grad_weight else None, d_bias if grad_bias else None,
     )
 
 
@@ -47,8 +48,10 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     return FusedResult(loss, logprobs, entropy if need_entropy else None, d_logits if grad_logits else None, None)
 
 
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions,
+                    bias=None):
     logprobs, entropy = torch.ops.ekipl.fused_linear_logprobs(
-        hidden, weight, targets, temperature, return_entropy, scratch_bytes=options.scratch_bytes("cpu_chunk_mb")
+        hidden, weight, targets, temperature, return_entropy, scratch_bytes=options.scratch_bytes("cpu_chunk_mb"),
+        bias=bias,
     )
     return logprobs, entropy if return_entropy else None

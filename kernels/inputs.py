@@ -47,9 +47,10 @@ def values_checked(device: torch.device, debug: bool) -> bool:
     return (debug or device.type == "cpu") and not torch.compiler.is_compiling()
 
 
-def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, values: bool = True) -> None:
-    """Checks ``hidden [N, H]``, ``weight [V, H]`` and ``targets [N]`` of the fused-linear entry points (the
-    target ids themselves only with ``values``)."""
+def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, values: bool = True) -> None:
+    """Checks ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` (or None) and ``targets [N]`` of the fused-linear
+    entry points (the target ids themselves only with ``values``)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D tensor [N, H]; got {_describe(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -64,6 +65,11 @@ def check_matrix_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; put both on one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape [V]=[{weight.shape[0]}] (the LM head's); got {_describe(bias)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias ({bias.dtype} on {bias.device}) must match weight ({weight.dtype} on {weight.device})")
     check_targets(targets, hidden.shape[0], hidden.device, vocab=weight.shape[0], values=values)
 
 

@@ -7,7 +7,8 @@ device and ``torch.compile`` sees an opaque op with a known output shape (the fa
 The loss ops take the per-token vectors of :class:`~ekipl_kernels.inputs.TokenInputs` and the config as
 scalars (:func:`config_scalars`): ``dual_clip``, ``is_cap``, ``tis_cap``, ``log_ratio_clamp`` and
 ``kl_clamp`` are 0 when off, ``kl_kind`` is 1/2/3 for k1/k2/k3, ``expert_mode`` is 0 ratio, 1 is,
-2 shaped. Outputs that were not asked for are empty.
+2 shaped. The linear ops take the LM head's ``bias [V]`` (None: none) last, the loss op its gradient
+``grad_bias`` (column sums of the logit gradient). Outputs that were not asked for are empty.
 
 How to compute, as decided by the caller (``KernelOptions``): ``schedule`` of the loss (an index into
 :data:`SCHEDULES`), ``path`` of the log-probs (an index into ``options.LOGPROBS_PATHS``), and ``scratch_bytes``,
@@ -33,8 +34,8 @@ _TOKEN_ARGS = (
 LIB = torch.library.Library("ekipl", "DEF")
 LIB.define(
     f"fused_linear_grpo_loss(Tensor hidden, Tensor weight, Tensor targets, {_TOKEN_ARGS}, bool grad_hidden, "
-    "bool grad_weight, int schedule=0, int scratch_bytes=0) "
-    "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_hidden, Tensor grad_weight)"
+    "bool grad_weight, int schedule=0, int scratch_bytes=0, Tensor? bias=None, bool grad_bias=False) "
+    "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
 )
 LIB.define(
     f"grpo_loss(Tensor logits, Tensor targets, {_TOKEN_ARGS}, bool grad_logits) "
@@ -42,7 +43,7 @@ LIB.define(
 )
 LIB.define(
     "fused_linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, float temperature, bool need_entropy, "
-    "int path=0, int scratch_bytes=0) -> (Tensor logprobs, Tensor entropy)"
+    "int path=0, int scratch_bytes=0, Tensor? bias=None) -> (Tensor logprobs, Tensor entropy)"
 )
 
 
@@ -72,7 +73,8 @@ def _vector(like: torch.Tensor, n: int, wanted: bool) -> torch.Tensor:
 @torch.library.register_fake("ekipl::fused_linear_grpo_loss")
 def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
       eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap,
-      tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_hidden, grad_weight, schedule=0, scratch_bytes=0):
+      tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_hidden, grad_weight, schedule=0, scratch_bytes=0,
+      bias=None, grad_bias=False):
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -80,6 +82,7 @@ def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, 
         _vector(hidden, n, need_entropy),
         torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if grad_weight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0] if grad_bias and bias is not None else 0),
     )
 
 
@@ -97,6 +100,6 @@ def _(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logp
 
 
 @torch.library.register_fake("ekipl::fused_linear_logprobs")
-def _(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0):
+def _(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0, bias=None):
     n = hidden.shape[0]
     return _vector(hidden, n, True), _vector(hidden, n, need_entropy)

@@ -196,20 +196,27 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, **keywords) -> LossOu
     return _loss(lambda rows: logits[rows].double(), logits.shape[0], logits.device, targets, **keywords)
 
 
-def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **keywords) -> LossOutput:
-    """The GRPO loss of ``logits = hidden @ weight.T``, materialised in fp64; same keywords as :func:`grpo_loss`."""
-    check_matrix_inputs(hidden, weight, targets)
-    return _loss(lambda rows: hidden[rows].double() @ weight.double().T, hidden.shape[0], hidden.device, targets,
+def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows) -> torch.Tensor:
+    logits = hidden[rows].double() @ weight.double().T
+    return logits if bias is None else logits + bias.double()
+
+
+def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           bias: Optional[torch.Tensor] = None, **keywords) -> LossOutput:
+    """The GRPO loss of ``logits = hidden @ weight.T + bias``, materialised in fp64; same keywords as
+    :func:`grpo_loss`."""
+    check_matrix_inputs(hidden, weight, targets, bias)
+    return _loss(lambda rows: _linear(hidden, weight, bias, rows), hidden.shape[0], hidden.device, targets,
                  **keywords)
 
 
 def fused_linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-    return_entropy: bool = False,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0, return_entropy: bool = False,
 ):
-    """fp64 log-probs (and entropies) of ``targets`` under ``softmax(hidden @ weight.T / temperature)``."""
-    check_matrix_inputs(hidden, weight, targets)
-    lp, entropy = logprobs_and_entropy(hidden.double() @ weight.double().T, targets, temperature)
+    """fp64 log-probs (and entropies) of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``."""
+    check_matrix_inputs(hidden, weight, targets, bias)
+    lp, entropy = logprobs_and_entropy(_linear(hidden, weight, bias, slice(None)), targets, temperature)
     return (lp.float(), entropy.float()) if return_entropy else lp.float()
 
 

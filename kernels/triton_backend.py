@@ -129,20 +129,21 @@ def _token_vectors(tok: TokenInputs) -> tuple:
     return tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs, tok.ref_logprobs, tok.behavior_logprobs
 
 
-def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_hidden,
-                grad_weight, options: KernelOptions) -> FusedResult:
+def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, bias, need_entropy, grad_hidden,
+                grad_weight, grad_bias, options: KernelOptions) -> FusedResult:
     (n, h), v = hidden.shape, weight.shape[0]
     schedule, scratch = kernel_package(interpreted=False).linear_loss.plan(
         n, h, v, hidden.dtype, grad_hidden, grad_weight, options.schedule, options.scratch_bytes("chunk_mb"),
         options.memory_budget_bytes,
     )
-    loss, lp, ent, d_hidden, d_weight = _for(hidden, "fused_linear_grpo_loss")(
+    loss, lp, ent, d_hidden, d_weight, d_bias = _for(hidden, "fused_linear_grpo_loss")(
         hidden.detach(), weight.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
-        schedule=ops.SCHEDULES.index(schedule), scratch_bytes=scratch,
+        schedule=ops.SCHEDULES.index(schedule), scratch_bytes=scratch, bias=None if bias is None else bias.detach(),
+        grad_bias=grad_bias,
     )
     return FusedResult(loss, lp, ent if need_entropy else None, d_hidden if grad_hidden else None,
-                       d_weight if grad_weight else None)
+                       d_weight if grad_weight else None, d_bias if grad_bias else None)
 
 
 def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits) -> FusedResult:
@@ -153,10 +154,11 @@ def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_e
     return FusedResult(loss, lp, ent if need_entropy else None, d_logits if grad_logits else None, None)
 
 
-def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions):
+def linear_logprobs(hidden, weight, targets, temperature: float, return_entropy: bool, options: KernelOptions,
+                    bias=None):
     lp, ent = _for(hidden, "fused_linear_logprobs")(
         hidden, weight, targets, temperature, return_entropy, path=LOGPROBS_PATHS.index(options.logprobs_path),
-        scratch_bytes=options.scratch_bytes("chunk_mb"),
+        scratch_bytes=options.scratch_bytes("chunk_mb"), bias=bias,
     )
     return lp, ent if return_entropy else None
 

@@ -86,3 +86,62 @@ def test_normalizer_count_is_the_loss_default(agg):
     for row, (start, length) in enumerate(zip(kw["cu_seqlens"][:-1].tolist(), lengths.tolist())):
         padded[row, :length] = kw["loss_mask"][start:start + length]
     assert float(normalizer_count(agg, None, padded)) == float(count)
+
+
+def assert_matches_reference(loss_fn, inputs, batch, config, backend, **extra):
+    """Loss, log-probs and the gradients of every input of a fast backend within the dtype's tolerance of the
+    fp64 reference's."""
+    out, grads = run(loss_fn, inputs, batch, config, backend, **extra)
+    ref, ref_grads = run(loss_fn, [x.double() for x in inputs], batch, config, "reference", **{
+        key: value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in extra.items() if key != "options"})
+    tol = TOLERANCE[batch.hidden.dtype]
+    assert rel_err(out.loss, ref.loss) < tol
+    assert rel_err(out.logprobs, ref.logprobs) < tol
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == batch.hidden.dtype
+        assert rel_err(g, r) < tol
+    return out, ref
+
+
+SCHEDULES = {"chunked": [None], "cpu": [None], "triton": ["rows", "vocab"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_bias(backend, dtype):
+    """logits = h W^T + b: loss, log-probs and the gradients of h, W and b against the reference (every Triton
+    schedule), the no-gradient path, and fused_linear_logprobs (every Triton path)."""
+    from ekipl_kernels import KernelOptions, fused_linear_logprobs
+
+    batch = random_batch(seed=11, dtype=dtype, with_bias=True, logit_scale=2.0)
+    config = LossConfig(beta=0.05, temperature=0.9, entropy_coef=0.01)
+    inputs = (batch.hidden, batch.weight)
+    for schedule in SCHEDULES[backend]:
+        options = KernelOptions(backend=backend, **({"schedule": schedule} if schedule else {}))
+        bias = batch.bias.detach().clone().requires_grad_()
+        out, ref = assert_matches_reference(fused_linear_grpo_loss, inputs, batch, config, backend, bias=bias,
+                                            options=options)
+        (d_bias,) = torch.autograd.grad(
+            fused_linear_grpo_loss(*inputs, batch.targets, bias=bias, config=config, options=options,
+                                   **batch.keywords).loss, bias)
+        ref_bias = batch.bias.double().requires_grad_()
+        (ref_d_bias,) = torch.autograd.grad(
+            fused_linear_grpo_loss(*(x.double() for x in inputs), batch.targets, bias=ref_bias, config=config,
+                                   backend="reference", **batch.keywords).loss, ref_bias)
+        assert d_bias.dtype == dtype and rel_err(d_bias, ref_d_bias) < TOLERANCE[dtype]
+    # Only the bias wants a gradient: the loss still forms it.
+    bias = batch.bias.detach().clone().requires_grad_()
+    alone = fused_linear_grpo_loss(*inputs, batch.targets, bias=bias, config=config, backend=backend, **batch.keywords)
+    (d_alone,) = torch.autograd.grad(alone.loss, bias)
+    assert rel_err(d_alone, ref_d_bias) < TOLERANCE[dtype]
+    assert rel_err(alone.loss, ref.loss) < TOLERANCE[dtype]
+
+    ref_lp = fused_linear_logprobs(*inputs, batch.targets, bias=batch.bias, temperature=0.9, backend="reference")
+    for path in ("fused", "cublas") if backend == "triton" else ("fused",):
+        lp, ent = fused_linear_logprobs(*inputs, batch.targets, bias=batch.bias, temperature=0.9, return_entropy=True,
+                                        options=KernelOptions(backend=backend, logprobs_path=path))
+        assert rel_err(lp, ref_lp) < TOLERANCE[dtype] and rel_err(ent, out.entropy) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+        fused_linear_grpo_loss(*inputs, batch.targets, bias=batch.bias[:-1], config=config, backend=backend,
+                               **batch.keywords)

@@ -40,23 +40,25 @@ def _inv_tau(temperature: float) -> float:
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                            behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
                            expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy,
-                           grad_hidden, grad_weight, schedule=0, scratch_bytes=0):
+                           grad_hidden, grad_weight, schedule=0, scratch_bytes=0, bias=None, grad_bias=False):
     _check_dtype("fused_linear_grpo_loss", hidden)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
                      eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
                      log_ratio_clamp, kl_clamp)
     n = hidden.shape[0]
+    grad_bias = grad_bias and bias is not None
     if n == 0:
         zero = hidden.new_zeros((), dtype=torch.float32)
         return (zero, _empty(hidden, torch.float32), _empty(hidden, torch.float32),
                 torch.zeros_like(hidden) if grad_hidden else _empty(hidden),
-                torch.zeros_like(weight) if grad_weight else _empty(weight))
-    loss, lp, ent, d_hidden, d_weight = fused_linear_loss(
-        hidden.detach(), weight.detach(), targets.contiguous(), tok, _inv_tau(temperature), grad_hidden, grad_weight,
-        _choice("schedule", SCHEDULES, schedule), _scratch(scratch_bytes),
+                torch.zeros_like(weight) if grad_weight else _empty(weight),
+                torch.zeros_like(bias) if grad_bias else _empty(weight))
+    loss, lp, ent, d_hidden, d_weight, d_bias = fused_linear_loss(
+        hidden.detach(), weight.detach(), _bias(bias, weight), targets.contiguous(), tok, _inv_tau(temperature),
+        grad_hidden, grad_weight, grad_bias, _choice("schedule", SCHEDULES, schedule), _scratch(scratch_bytes),
     )
     return (loss, lp, ent if need_entropy else _empty(lp), _empty(hidden) if d_hidden is None else d_hidden,
-            _empty(weight) if d_weight is None else d_weight)
+            _empty(weight) if d_weight is None else d_weight, _empty(weight) if d_bias is None else d_bias)
 
 
 def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
@@ -73,16 +75,26 @@ def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, 
             _empty(logits) if grad is None else grad)
 
 
-def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0):
+def fused_linear_logprobs(hidden, weight, targets, temperature, need_entropy, path=0, scratch_bytes=0, bias=None):
     _check_dtype("fused_linear_logprobs", hidden)
     inv_tau = _inv_tau(temperature)
-    hidden, weight, targets = hidden.detach(), weight.detach(), targets.contiguous()
+    hidden, weight, targets, bias = hidden.detach(), weight.detach(), targets.contiguous(), _bias(bias, weight)
     if _choice("path", LOGPROBS_PATHS, path) == "cublas":
-        lp, ent = cublas_logprobs(hidden, weight, targets, inv_tau, _scratch(scratch_bytes))
+        lp, ent = cublas_logprobs(hidden, weight, targets, inv_tau, _scratch(scratch_bytes), bias)
     else:
-        stats = token_finish(linear_stats(hidden, weight, targets, inv_tau), inv_tau)
+        stats = token_finish(linear_stats(hidden, weight, targets, inv_tau, bias), inv_tau)
         lp, ent = stats["logprobs"], stats["entropy"]
     return lp, ent if need_entropy else _empty(lp)
+
+
+def _bias(bias, weight):
+    """The bias as the kernels and GEMM epilogues read it: detached, contiguous, checked against the weight."""
+    if bias is None:
+        return None
+    if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype or bias.device != weight.device:
+        raise ValueError(f"bias must be [{weight.shape[0]}] {weight.dtype} on {weight.device} like the weight's rows; "
+                         f"got {list(bias.shape)} {bias.dtype} on {bias.device}")
+    return bias.detach().contiguous()
 
 
 def _choice(name: str, names: tuple, index: int) -> str:

@@ -16,6 +16,9 @@ scratch buffer of fp32 logits, from ``KernelOptions.chunk_mb`` and ``memory_budg
     with V. Each slice re-reads ``h`` and the accumulator, so slices are at least H columns wide by
     default (the scratch at least an fp32 ``[N, H]``), however large N is.
 
+With the LM head's bias, each chunk or slice of logits gets its columns of it after the GEMM (the fused forward
+adds it per tile), and the bias gradient is the column sums of ``dz``, one reduction per chunk or slice.
+
 Both write ``dz`` in the inputs' dtype (the backward GEMMs run on the tensor cores). For fp16 it is divided
 by the largest aggregation weight, so that fp16 does not flush it to zero, and the scale is put back in
 fp32; bf16 has fp32's exponent range and skips that pass.
@@ -153,22 +156,28 @@ def _cast(acc32: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype
     return acc32.to(dtype)
 
 
-def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tok: TokenArgs,
-                      inv_tau: float, grad_hidden: bool, grad_weight: bool, schedule: str = "rows",
-                      scratch_bytes: int = 0):
-    """``(loss, logprobs, entropy, d_hidden | None, d_weight | None)`` of ``sum_t w_t l_t`` over
-    ``logits = hidden @ weight.T``; gradients in the inputs' dtypes. ``scratch_bytes`` 0: the default."""
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                      tok: TokenArgs, inv_tau: float, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+                      schedule: str = "rows", scratch_bytes: int = 0):
+    """``(loss, logprobs, entropy, d_hidden | None, d_weight | None, d_bias | None)`` of ``sum_t w_t l_t`` over
+    ``logits = hidden @ weight.T + bias``; gradients in the inputs' dtypes. ``scratch_bytes`` 0: the default."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
-    if not (grad_hidden or grad_weight):
-        stats = token_finish(linear_stats(hidden, weight, targets, inv_tau), inv_tau, tok)
-        return stats["loss"].sum(), stats["logprobs"], stats["entropy"], None, None
+    grad_bias = grad_bias and bias is not None
+    if not (grad_hidden or grad_weight or grad_bias):
+        stats = token_finish(linear_stats(hidden, weight, targets, inv_tau, bias), inv_tau, tok)
+        return stats["loss"].sum(), stats["logprobs"], stats["entropy"], None, None, None
     run = _rows_schedule if schedule == "rows" else _vocab_schedule
     scratch = scratch_bytes or default_scratch(schedule, hidden.shape[0], hidden.shape[1])
-    return run(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weight, scratch)
+    return run(hidden, weight, bias, targets, tok, inv_tau, grad_hidden, grad_weight, grad_bias, scratch)
 
 
-def _rows_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weight, scratch_bytes):
+def _column_sums_(acc32: torch.Tensor, dz: torch.Tensor) -> None:
+    """Adds the column sums of a logit gradient (any dtype) to an fp32 bias-gradient accumulator."""
+    acc32.add_(dz.sum(0, dtype=torch.float32))
+
+
+def _rows_schedule(hidden, weight, bias, targets, tok, inv_tau, grad_hidden, grad_weight, grad_bias, scratch_bytes):
     n, h = hidden.shape
     v = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
@@ -182,13 +191,18 @@ def _rows_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weig
     narrow = dtype != torch.float32  # 16-bit inputs: GEMM results in fp32 first, then cast
     d_hidden32 = torch.empty((chunk, h), dtype=torch.float32, device=device) if grad_hidden and narrow else None
     d_weight32 = torch.empty((v, h), dtype=torch.float32, device=device) if grad_weight else None
+    d_bias32 = torch.zeros(v, dtype=torch.float32, device=device) if grad_bias else None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = stop - start
         z, dz = logits_buf[:rows], grad_buf[:rows]
         h_c = hidden[start:stop]
         mm_fp32(h_c, weight.T, out=z)
+        if bias is not None:
+            z.add_(bias)
         out = logits_loss(z, targets[start:stop], tok.rows(start, stop), inv_tau, grad=dz, grad_scale=scale)
+        if grad_bias:
+            _column_sums_(d_bias32, dz)
         logprobs[start:stop] = out["logprobs"]
         entropy[start:stop] = out["entropy"]
         token_loss[start:stop] = out["loss"]
@@ -206,15 +220,16 @@ def _rows_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weig
     # The chunk goes before the accumulator is cast: the cast's output is the peak's last addition.
     del logits_buf, grad_buf, z, dz, d_hidden32
     d_weight = _cast(d_weight32, scale, weight.dtype) if grad_weight else None
-    return token_loss.sum(), logprobs, entropy, d_hidden, d_weight
+    d_bias = _cast(d_bias32, scale, weight.dtype) if grad_bias else None
+    return token_loss.sum(), logprobs, entropy, d_hidden, d_weight, d_bias
 
 
-def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_weight, scratch_bytes):
+def _vocab_schedule(hidden, weight, bias, targets, tok, inv_tau, grad_hidden, grad_weight, grad_bias, scratch_bytes):
     n, h = hidden.shape
     v = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     scale = grad_scale(tok, dtype)
-    stats = token_finish(linear_stats(hidden, weight, targets, inv_tau), inv_tau, tok, scale)
+    stats = token_finish(linear_stats(hidden, weight, targets, inv_tau, bias), inv_tau, tok, scale)
     width = chunk_len(scratch_bytes, 4 * n, v)
     flat_buf = torch.empty(n * width, dtype=torch.float32, device=device)
     d_hidden32 = torch.empty((n, h), dtype=torch.float32, device=device) if grad_hidden else None
@@ -222,6 +237,7 @@ def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_wei
     narrow = dtype != torch.float32  # 16-bit inputs: GEMM results in fp32 first, then cast
     d_weight32 = torch.empty((width, h), dtype=torch.float32, device=device) if grad_weight and narrow else None
     hidden_dw = _without_masked_rows(hidden, tok.agg_weight) if grad_weight else None
+    d_bias32 = torch.zeros(v, dtype=torch.float32, device=device) if grad_bias else None
     for start in range(0, v, width):
         stop = min(start + width, v)
         cols = stop - start
@@ -230,7 +246,11 @@ def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_wei
         dz = z if dtype == torch.float32 else z.view(dtype)[:, :cols]
         w_s = weight[start:stop]
         mm_fp32(hidden, w_s.T, out=z)
+        if bias is not None:
+            z.add_(bias[start:stop])
         logit_grad(z, dz, targets, start, stats, inv_tau)
+        if grad_bias:
+            _column_sums_(d_bias32[start:stop], dz)
         if grad_weight and d_weight32 is None:
             mm_fp32(dz.T, hidden_dw, out=d_weight[start:stop])
         elif grad_weight:
@@ -243,11 +263,12 @@ def _vocab_schedule(hidden, weight, targets, tok, inv_tau, grad_hidden, grad_wei
                 addmm_fp32_(d_hidden32, dz, w_s)
     del flat_buf, z, dz, d_weight32, hidden_dw
     d_hidden = _cast(d_hidden32, scale, dtype) if grad_hidden else None
-    return stats["loss"].sum(), stats["logprobs"], stats["entropy"], d_hidden, d_weight
+    d_bias = _cast(d_bias32, scale, weight.dtype) if grad_bias else None
+    return stats["loss"].sum(), stats["logprobs"], stats["entropy"], d_hidden, d_weight, d_bias
 
 
 def cublas_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_tau: float,
-                    scratch_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    scratch_bytes: int = 0, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(logprobs, entropy)`` ``[N]``: chunks of fp32 logits from cuBLAS, one Triton sweep over each."""
     n = hidden.shape[0]
     v = weight.shape[0]
@@ -260,6 +281,8 @@ def cublas_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         z = mm_fp32(hidden[start:stop], weight.T, out=logits_buf[: stop - start])
+        if bias is not None:
+            z.add_(bias)
         out = logits_loss(z, targets[start:stop], None, inv_tau)
         logprobs[start:stop] = out["logprobs"]
         entropy[start:stop] = out["entropy"]

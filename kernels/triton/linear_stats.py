@@ -1,4 +1,4 @@
-"""Fused linear forward: ``z = h W^T / tau`` tile by tile with ``tl.dot``, never stored, folded at once
+"""Fused linear forward: ``z = (h W^T + b) / tau`` tile by tile with ``tl.dot``, never stored, folded at once
 into each row's online log-sum-exp / entropy state and target logit.
 
 The vocabulary is cut into ``splits`` column ranges so that even a few hundred rows fill the GPU; each
@@ -9,6 +9,8 @@ in L2 while the small ``h`` blocks stay resident.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -21,10 +23,10 @@ from .token_loss import VARLEN_ARGS
 
 @triton.jit(do_not_specialize=VARLEN_ARGS + ["splits"])
 def _linear_stats_kernel(
-    h_ptr, stride_h, w_ptr, stride_w, targets_ptr, part_ptr,
+    h_ptr, stride_h, w_ptr, stride_w, b_ptr, targets_ptr, part_ptr,
     N, V, H, inv_tau, splits, cols_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BLOCK_M)
@@ -61,6 +63,8 @@ def _linear_stats_kernel(
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
             else:
                 acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * inv_tau, float("-inf"))
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
         m, s, t = merge_tile(m, s, t, z)
@@ -82,8 +86,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    """Partial row states ``[4, splits, N]`` fp32 of ``softmax(hidden @ weight.T * inv_tau)``."""
+def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_tau: float,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Partial row states ``[4, splits, N]`` fp32 of ``softmax((hidden @ weight.T + bias) * inv_tau)``."""
     n, h = hidden.shape
     v = weight.shape[0]
     if hidden.stride(1) != 1:
@@ -96,10 +101,10 @@ def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     partials = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
     if n == 0:
         return partials
-    args = (hidden, hidden.stride(0), weight, weight.stride(0), targets, partials, n, v, h, inv_tau, splits,
-            cols_per_split)
+    args = (hidden, hidden.stride(0), weight, weight.stride(0), weight if bias is None else bias.contiguous(), targets,
+            partials, n, v, h, inv_tau, splits, cols_per_split)
     common = dict(GROUP_M=tuning.GROUP_M, DOT_FP32=tuning.dot_dtype_is_fp32(hidden.dtype),
-                  FP32_PRECISION="ieee" if tuning.INTERPRET else "tf32x3")
+                  FP32_PRECISION="ieee" if tuning.INTERPRET else "tf32x3", HAS_BIAS=bias is not None)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * splits,)  # noqa: E731
     if tuning.INTERPRET:
         _linear_stats_kernel[grid](*args, **common, **tuning.LINEAR_STATS_INTERPRETED)
