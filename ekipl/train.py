@@ -10,7 +10,6 @@ weight sync -> metrics. Everything else here is setup, checkpoints and evaluatio
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,30 +21,13 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 import torch
 
 
-def _prepare_environment() -> torch.device:
-    """CPU ranks use DeepSpeed's CPU accelerator with gloo; a launcher-less run is a world of one."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cpu")
-
-
 from ekipl import checkpoint  # noqa: E402
 from ekipl.checkpoint import CheckpointError  # noqa: E402
 from ekipl.console import Console  # noqa: E402
 from ekipl.config import TrainConfig, load_config, read_deepspeed_config, resume_conflicts  # noqa: E402
 from ekipl.config_loader import ConfigError, config_yaml, to_dict  # noqa: E402
 from ekipl.config_reference import cli_parser  # noqa: E402
+from ekipl.distributed import join_process_group  # noqa: E402
 from ekipl.data import (  # noqa: E402
     BadRecordError, Record, check_prompt_lengths, load_records,
 )
@@ -75,10 +57,7 @@ class Trainer:
 
         self.cfg = cfg
         validate_startup(cfg)  # files, packages and user code the config names: fail before DeepSpeed starts
-        self.device = _prepare_environment()
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.device = join_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.out_dir = Path(cfg.run.output_dir)

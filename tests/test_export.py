@@ -14,6 +14,7 @@ import torch
 
 from ekipl import checkpoint
 from ekipl.export import ExportError, export_checkpoint, main
+from fakes.learner_setup import ds_config, join_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 SNIPPET_MARK = "<!-- snippet: load-export (tests/test_export.py runs it) -->"
@@ -25,30 +26,6 @@ def readme_snippet() -> str:
     found = re.search(r"```python\n(.*?)```", text[text.index(SNIPPET_MARK):], re.S)
     assert found, f"README.md has {SNIPPET_MARK!r} but no ```python block after it"
     return found.group(1)
-
-
-def join_process_group() -> None:
-    """A world of one for the in-process engine (the launcher's variables win when set), on the CPU with gloo."""
-    import socket
-
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def ds_config(stage: int) -> dict:
-    """configs/ds_zero{stage}.json (the learner fills in its batch, clipping and precision keys)."""
-    from ekipl.config import read_deepspeed_config
-
-    return read_deepspeed_config(str(REPO / "configs" / f"ds_zero{stage}.json"))
 
 
 def sequences(processor) -> list:

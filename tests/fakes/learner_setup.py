@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
-import torch
 
 from ekipl.config import read_deepspeed_config
+from ekipl.distributed import join_process_group  # noqa: F401  (re-exported for the tests)
 from ekipl.packing import TrainSequence
 from fakes.prompts import image_prompts
 
@@ -33,21 +30,6 @@ def make_sequences(processor, count: int, *, seed: int, expert_every: int = 3) -
         behavior = None if expert else [float(x) for x in -rng.uniform(0.1, 3.0, size=len(ids))]
         seqs.append(TrainSequence(prompt, ids, [1 if expert else 0] * len(ids), float(rng.normal()), behavior))
     return seqs
-
-
-def join_process_group() -> None:
-    """A world of one for in-process tests (the launcher's variables win when set), on the CPU with gloo."""
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def ds_config(stage: int) -> dict:
