@@ -102,11 +102,16 @@ struct TokenBatch {
     is_expert = is_expert_.to(at::kBool).contiguous();
     TORCH_CHECK(p.kl_kind >= 1 && p.kl_kind <= 3, "ekipl::", op, ": kl_kind must be 1, 2 or 3; got ", p.kl_kind);
     for (const double x : {p.eps_low, p.eps_high, p.dual_clip, p.beta, p.entropy_coef, p.shaping_gamma, p.is_cap,
-                           p.tis_cap, p.log_ratio_clamp, p.kl_clamp}) {
+                           p.tis_cap, p.log_ratio_clamp, p.kl_clamp, p.cispo_cap, p.sapo_temperature_pos,
+                           p.sapo_temperature_neg}) {
       TORCH_CHECK(std::isfinite(x), "ekipl::", op, ": the loss scalars must be finite; got ", x);
     }
     TORCH_CHECK(p.expert_mode >= kRatio && p.expert_mode <= kShaped, "ekipl::", op,
                 ": expert_mode must be 0 (ratio), 1 (is) or 2 (shaped); got ", p.expert_mode);
+    TORCH_CHECK(p.policy_loss >= kClip && p.policy_loss <= kSapo, "ekipl::", op,
+                ": policy_loss must be 0 (clip), 1 (cispo) or 2 (sapo); got ", p.policy_loss);
+    TORCH_CHECK(p.policy_loss != kSapo || (p.sapo_temperature_pos > 0.0 && p.sapo_temperature_neg > 0.0), "ekipl::",
+                op, ": the SAPO temperatures must be > 0");
     TORCH_CHECK(p.beta <= 0.0 || ref_lp.has_value(), "ekipl::", op, ": ref_logprobs is required when beta > 0");
     TORCH_CHECK(!(p.expert_mode == kImportance || p.tis_cap > 0.0) || beh_lp.has_value(), "ekipl::", op,
                 ": behavior_logprobs is required with expert_mode 'is' or tis_cap");
@@ -274,12 +279,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
     double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
-    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_hidden, bool grad_weight,
+    double log_ratio_clamp, double kl_clamp, int64_t policy_loss, double cispo_cap, double sapo_temperature_pos,
+    double sapo_temperature_neg, bool kl_bias_correction, bool need_entropy, bool grad_hidden, bool grad_weight,
     int64_t /*schedule: one on CPU*/, int64_t scratch_bytes, const std::optional<at::Tensor>& bias, bool grad_bias) {
   const char* op = "fused_linear_grpo_loss";
   check_float_input(op, "hidden", hidden, 2);
-  const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
-                          expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
+  const LossParams params{eps_low,         eps_high,  dual_clip,   beta,      kl_kind,
+                          entropy_coef,    expert_mode, shaping_gamma, is_cap, tis_cap,
+                          log_ratio_clamp, kl_clamp,  policy_loss, cispo_cap, sapo_temperature_pos,
+                          sapo_temperature_neg, kl_bias_correction};
   const TokenBatch tokens(op, hidden.size(0), advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                           behavior_logprobs, params);
   return linear_pass(op, hidden, weight, bias, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight,
@@ -302,14 +310,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss(
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
     double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
     double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
-    double log_ratio_clamp, double kl_clamp, bool need_entropy, bool grad_logits) {
+    double log_ratio_clamp, double kl_clamp, int64_t policy_loss, double cispo_cap, double sapo_temperature_pos,
+    double sapo_temperature_neg, bool kl_bias_correction, bool need_entropy, bool grad_logits) {
   const char* op = "grpo_loss";
   check_float_input(op, "logits", logits_in, 2);
   TORCH_CHECK(temperature > 0.0, "ekipl::", op, ": temperature must be > 0; got ", temperature);
   const int64_t n = logits_in.size(0), vocab = logits_in.size(1);
   const at::Tensor targets = checked_targets(op, targets_in, n, vocab);
-  const LossParams params{eps_low,     eps_high,      dual_clip, beta,    kl_kind,         entropy_coef,
-                          expert_mode, shaping_gamma, is_cap,    tis_cap, log_ratio_clamp, kl_clamp};
+  const LossParams params{eps_low,         eps_high,  dual_clip,   beta,      kl_kind,
+                          entropy_coef,    expert_mode, shaping_gamma, is_cap, tis_cap,
+                          log_ratio_clamp, kl_clamp,  policy_loss, cispo_cap, sapo_temperature_pos,
+                          sapo_temperature_neg, kl_bias_correction};
   const TokenBatch tokens(op, n, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
                           params);
   const at::ScalarType dtype = logits_in.scalar_type();

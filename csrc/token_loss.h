@@ -4,6 +4,9 @@
 // same math for one token, in double, with the reference's autograd conventions written out:
 //   * clip: the gradient of max(-rho*A, -clip(rho)*A) is zero only where the clipped branch is strictly
 //     larger (clamp passes gradient at its bounds, ties are inside the range where both branches agree);
+//   * cispo: -w*A*lp with w = min(rho, cap) not differentiated, so d/dlp = -w*A;
+//   * sapo: -sigmoid(t*(rho - 1))*4/t*A, t by the sign of A, d/dlp = -4*A*s*(1 - s)*rho;
+//   * kl_bias_correction: the KL term times rho (differentiated: d(rho*kl) = rho*dkl + kl*drho);
 //   * dual clip replaces the loss by the constant -c*A (zero gradient);
 //   * the TIS weight min(exp(old - beh), cap) multiplies policy tokens and is not differentiated;
 //   * old_logprobs = None means old = stop_grad(lp): ratio 1, d(ratio)/d(lp) = 1;
@@ -20,6 +23,7 @@
 namespace ekipl {
 
 enum ExpertMode : int64_t { kRatio = 0, kImportance = 1, kShaped = 2 };
+enum PolicyLoss : int64_t { kClip = 0, kCispo = 1, kSapo = 2 };
 
 // The LossConfig scalars of ops.config_scalars; dual_clip, the caps and the clamps are 0 when off.
 struct LossParams {
@@ -35,6 +39,11 @@ struct LossParams {
   double tis_cap;
   double log_ratio_clamp;
   double kl_clamp;
+  int64_t policy_loss;
+  double cispo_cap;
+  double sapo_temperature_pos;
+  double sapo_temperature_neg;
+  bool kl_bias_correction;
 };
 
 // x clamped to [-bound, bound] (bound 0: not clamped) and d clamp / dx.
@@ -70,6 +79,9 @@ struct TokenLoss {
 inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
   const double adv = t.advantage;
   const double old = t.has_old ? t.old_logprob : t.logprob;
+  const bool importance = t.expert && p.expert_mode == kImportance;
+  const Clamped log_ratio = clamp(t.logprob - (importance ? t.behavior_logprob : old), p.log_ratio_clamp);
+  const double ratio = std::exp(log_ratio.value);
   double pg;
   double d_pg;
   if (t.expert && p.expert_mode == kShaped) {
@@ -77,22 +89,29 @@ inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
     const double denom = prob + p.shaping_gamma;
     pg = -adv * prob / denom;
     d_pg = -adv * p.shaping_gamma * prob / (denom * denom);
-  } else if (t.expert && p.expert_mode == kImportance) {
-    const Clamped log_ratio = clamp(t.logprob - t.behavior_logprob, p.log_ratio_clamp);
-    const double ratio = std::exp(log_ratio.value);
+  } else if (importance) {
     const double w = p.is_cap > 0.0 ? std::min(ratio, p.is_cap) : ratio;
     pg = -adv * w;
     d_pg = -adv * w * log_ratio.slope;
   } else {
-    const Clamped log_ratio = clamp(t.logprob - old, p.log_ratio_clamp);
-    const double ratio = std::exp(log_ratio.value);
-    const double unclipped = -ratio * adv;
-    const double clipped = -std::min(std::max(ratio, 1.0 - p.eps_low), 1.0 + p.eps_high) * adv;
-    pg = std::max(unclipped, clipped);
-    d_pg = clipped > unclipped ? 0.0 : -adv * ratio * log_ratio.slope;
-    if (p.dual_clip > 0.0 && adv < 0.0 && -p.dual_clip * adv < pg) {
-      pg = -p.dual_clip * adv;
-      d_pg = 0.0;
+    if (p.policy_loss == kCispo) {
+      const double w = std::min(ratio, p.cispo_cap);
+      pg = -w * adv * t.logprob;
+      d_pg = -w * adv;
+    } else if (p.policy_loss == kSapo) {
+      const double tau = adv > 0.0 ? p.sapo_temperature_pos : p.sapo_temperature_neg;
+      const double s = 1.0 / (1.0 + std::exp(-tau * (ratio - 1.0)));
+      pg = -s * 4.0 / tau * adv;
+      d_pg = -4.0 * adv * s * (1.0 - s) * ratio * log_ratio.slope;
+    } else {
+      const double unclipped = -ratio * adv;
+      const double clipped = -std::min(std::max(ratio, 1.0 - p.eps_low), 1.0 + p.eps_high) * adv;
+      pg = std::max(unclipped, clipped);
+      d_pg = clipped > unclipped ? 0.0 : -adv * ratio * log_ratio.slope;
+      if (p.dual_clip > 0.0 && adv < 0.0 && -p.dual_clip * adv < pg) {
+        pg = -p.dual_clip * adv;
+        d_pg = 0.0;
+      }
     }
     if (p.tis_cap > 0.0 && !t.expert) {
       const double tis = std::min(std::exp(old - t.behavior_logprob), p.tis_cap);
@@ -119,6 +138,10 @@ inline TokenLoss token_loss(const LossParams& p, const TokenInput& t) {
       const Clamped k3 = clamp(e - dc.value - 1.0, p.kl_clamp);
       kl = k3.value;
       d_kl = (1.0 - e) * dc.slope * k3.slope;
+    }
+    if (p.kl_bias_correction) {
+      d_kl = ratio * d_kl + kl * ratio * log_ratio.slope;
+      kl *= ratio;
     }
     loss += p.beta * kl;
     d_logprob += p.beta * d_kl;

@@ -11,6 +11,7 @@ import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 EXPERT_MODES = ("ratio", "is", "shaped")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -24,9 +25,23 @@ class LossConfig:
 
     eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (DAPO's clip-higher
         when ``eps_high > eps_low``).
+    policy_loss: the surrogate of policy tokens (and of expert tokens under expert_mode="ratio"), with
+        ``rho = exp(lp - old)``:
+        "clip" (PPO): ``max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A)``, optionally dual-clipped.
+        "cispo" (MiniMax-M1, as TRL 1.16's loss_type="cispo"): ``-min(rho, cispo_cap) * A * lp`` with the weight
+            ``min(rho, cispo_cap)`` not differentiated, so every token keeps a gradient ``-min(rho, cap) * A * dlp``.
+        "sapo" (TRL 1.16's loss_type="sapo"): ``-sigmoid(t (rho - 1)) * 4 / t * A``, a soft gate instead of the
+            clip, ``t = sapo_temperature_pos`` where ``A > 0``, else ``sapo_temperature_neg``.
+        eps_low, eps_high and dual_clip belong to "clip" only.
+    cispo_cap: the cap of CISPO's importance weight (TRL passes its epsilon_high; 5.0 is ScaleRL's value).
+    sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (TRL's defaults 1.0 and 1.05).
     dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c * A``; None disables it.
     beta: weight of the KL penalty to the reference policy (needs ``ref_logprobs`` when > 0).
     kl: KL estimator of ``d = ref - lp``: "k1" (``-d``), "k2" (``d^2/2``), "k3" (``exp(d) - d - 1``).
+    kl_bias_correction: the KL term becomes ``rho * kl`` with the token's ratio ``rho`` (to the behaviour log-probs
+        for "is" expert tokens, to the old ones otherwise) differentiated, as TRL 1.16's use_bias_correction_kl
+        (DeepSeek-V3.2): the gradient is then the unbiased reverse-KL gradient for off-policy samples. Its value
+        is 1 on-policy, its gradient is not. ``stats['kl_mean']`` is the corrected term.
     temperature: logits are divided by it before the softmax (match the sampler's temperature).
     entropy_coef: weight ``alpha`` of the entropy bonus (the loss subtracts ``alpha * H``).
     expert_mode: how expert tokens (origin > 0) enter the surrogate:
@@ -59,11 +74,16 @@ class LossConfig:
     Every float must be finite; the clamps and caps are None (off) or > 0.
     """
 
+    policy_loss: str = "clip"
     eps_low: float = 0.2
     eps_high: float = 0.2
+    cispo_cap: float = 5.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     dual_clip: Optional[float] = None
     beta: float = 0.0
     kl: str = "k3"
+    kl_bias_correction: bool = False
     temperature: float = 1.0
     entropy_coef: float = 0.0
     expert_mode: str = "ratio"
@@ -87,8 +107,17 @@ class LossConfig:
             raise bad("eps_low", "expected 0 <= eps_low < 1")
         if not self.eps_high >= 0.0:
             raise bad("eps_high", "expected eps_high >= 0")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise bad("policy_loss", f"expected one of {POLICY_LOSSES}")
+        for name in ("cispo_cap", "sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0.0:
+                raise bad(name, f"expected {name} > 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise bad("dual_clip", "expected None or a value > 1")
+        if self.dual_clip is not None and self.policy_loss != "clip":
+            raise bad("dual_clip", f"it clips policy_loss='clip'; policy_loss is {self.policy_loss!r}")
+        if not isinstance(self.kl_bias_correction, bool):
+            raise bad("kl_bias_correction", "expected a bool")
         if not self.beta >= 0.0:
             raise bad("beta", "expected beta >= 0")
         if self.kl not in KL_ESTIMATORS:

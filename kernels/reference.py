@@ -47,15 +47,23 @@ def token_losses(
     base = torch.where(importance, beh, old) if config.expert_mode == "is" else old
     log_ratio = _clamp(lp - base, config.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
-    unclipped = -ratio * adv
-    clipped = -torch.clamp(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high) * adv
-    pg = torch.maximum(unclipped, clipped)
-    was_clipped = clipped > unclipped
-    if config.dual_clip is not None:
-        cap = -config.dual_clip * adv
-        dual = (adv < 0) & (cap < pg)
-        pg = torch.where(dual, cap, pg)
-        was_clipped = was_clipped | dual
+    if config.policy_loss == "clip":
+        unclipped = -ratio * adv
+        clipped = -torch.clamp(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high) * adv
+        pg = torch.maximum(unclipped, clipped)
+        was_clipped = clipped > unclipped
+        if config.dual_clip is not None:
+            cap = -config.dual_clip * adv
+            dual = (adv < 0) & (cap < pg)
+            pg = torch.where(dual, cap, pg)
+            was_clipped = was_clipped | dual
+    elif config.policy_loss == "cispo":
+        pg = -torch.clamp(ratio, max=config.cispo_cap).detach() * adv * lp
+        was_clipped = (ratio > config.cispo_cap) & (adv > 0)  # TRL's cispo_clip_ratio
+    else:  # sapo
+        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        pg = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+        was_clipped = torch.zeros_like(is_expert)
     if config.tis_cap is not None:
         tis = torch.clamp(torch.exp(old - beh), max=config.tis_cap).detach()
         pg = torch.where(is_expert, pg, pg * tis)
@@ -83,6 +91,8 @@ def token_losses(
         else:
             d = _clamp(d, config.log_ratio_clamp)
             kl = _clamp(torch.exp(d) - d - 1.0, config.kl_clamp)
+        if config.kl_bias_correction:
+            kl = kl * ratio
         loss = loss + config.beta * kl
     if config.entropy_coef != 0:
         loss = loss - config.entropy_coef * entropy

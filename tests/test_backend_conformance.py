@@ -3,6 +3,8 @@ through the public functions, on the shared random batches of ``ekipl_kernels.te
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -145,3 +147,100 @@ def test_lm_head_bias(backend, dtype):
     with pytest.raises(ValueError, match="bias must be a tensor of shape"):
         fused_linear_grpo_loss(*inputs, batch.targets, bias=batch.bias[:-1], config=config, backend=backend,
                                **batch.keywords)
+
+
+POLICY_LOSS_CONFIGS = {
+    "cispo": LossConfig(policy_loss="cispo", cispo_cap=1.1, beta=0.05, temperature=0.9),
+    "cispo-is-experts": LossConfig(policy_loss="cispo", cispo_cap=0.9, expert_mode="is", is_cap=2.0, tis_cap=1.5),
+    "sapo": LossConfig(policy_loss="sapo", beta=0.05, entropy_coef=0.01),
+    "sapo-shaped-experts": LossConfig(policy_loss="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0,
+                                      expert_mode="shaped", agg="seq-mean-token-mean"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSS_CONFIGS))
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_modes(backend, entry, name):
+    """CISPO and SAPO (with either expert rule beside them): values and gradients against the reference."""
+    loss_fn, inputs_of = ENTRY_POINTS[entry]
+    batch = random_batch(seed=13, logit_scale=2.0)
+    out, ref = assert_matches_reference(loss_fn, inputs_of(batch), batch, POLICY_LOSS_CONFIGS[name], backend)
+    assert float(out.stats["clip_frac"]) == pytest.approx(float(ref.stats["clip_frac"]), abs=1e-6)
+
+
+def test_policy_loss_definitions():
+    """The reference's CISPO and SAPO are TRL 1.16's formulas, token by token."""
+    from ekipl_kernels.reference import token_losses
+
+    gen = torch.Generator().manual_seed(0)
+    lp = (-torch.rand(50, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    old = lp.detach() + 0.5 * torch.randn(50, generator=gen, dtype=torch.float64)
+    adv = torch.randn(50, generator=gen, dtype=torch.float64)
+    common = dict(advantages=adv, is_expert=torch.zeros(50, dtype=torch.bool), old_logprobs=old, ref_logprobs=None,
+                  behavior_logprobs=None)
+    ratio = torch.exp(lp - old)
+    cispo, _ = token_losses(lp, None, config=LossConfig(policy_loss="cispo", cispo_cap=1.2), **common)
+    expected = -torch.clamp(ratio, max=1.2).detach() * adv * lp
+    torch.testing.assert_close(cispo, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(x.sum(), lp)[0] for x in (cispo, expected)))
+    sapo, _ = token_losses(lp, None, config=LossConfig(policy_loss="sapo"), **common)
+    tau = torch.where(adv > 0, 1.0, 1.05)
+    expected = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    torch.testing.assert_close(sapo, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(x.sum(), lp)[0] for x in (sapo, expected)))
+
+
+def test_policy_loss_config_is_checked():
+    with pytest.raises(ValueError, match="policy_loss"):
+        LossConfig(policy_loss="gpg")
+    with pytest.raises(ValueError, match="dual_clip"):
+        LossConfig(policy_loss="cispo", dual_clip=3.0)
+    for name in ("cispo_cap", "sapo_temperature_pos", "sapo_temperature_neg"):
+        with pytest.raises(ValueError, match=name):
+            LossConfig(**{name: 0.0})
+
+
+KL_CORRECTION_CONFIGS = {
+    "k3": LossConfig(beta=0.2, kl_bias_correction=True),
+    "k2-is-experts": LossConfig(beta=0.2, kl="k2", kl_bias_correction=True, expert_mode="is", policy_loss="sapo"),
+    "k3-clamped": LossConfig(beta=0.2, kl_bias_correction=True, log_ratio_clamp=0.3, kl_clamp=0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KL_CORRECTION_CONFIGS))
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_bias_correction(backend, entry, name):
+    """The ratio-weighted KL: values and gradients against the reference, with and without old log-probs (on
+    policy the value is the plain KL's, the gradient is not)."""
+    loss_fn, inputs_of = ENTRY_POINTS[entry]
+    batch = random_batch(seed=17, logit_scale=2.0)
+    config = KL_CORRECTION_CONFIGS[name]
+    assert_matches_reference(loss_fn, inputs_of(batch), batch, config, backend)
+    on_policy = random_batch(seed=17, logit_scale=2.0)
+    on_policy.keywords["old_logprobs"] = None
+    assert_matches_reference(loss_fn, inputs_of(on_policy), on_policy, config, backend)
+    out, grads = run(loss_fn, inputs_of(on_policy), on_policy, config, backend)
+    plain, plain_grads = run(loss_fn, inputs_of(on_policy), on_policy, replace(config, kl_bias_correction=False),
+                             backend)
+    if config.expert_mode != "is":  # "is" experts' ratio is to the behaviour log-probs, not 1
+        assert float(out.loss.detach()) == pytest.approx(float(plain.loss.detach()), rel=1e-5)
+    assert rel_err(grads[0], plain_grads[0]) > 1e-3
+
+
+def test_kl_bias_correction_is_trls():
+    """TRL 1.16: per_token_kl = (exp(ref - lp) - (ref - lp) - 1) * exp(lp - old), the ratio differentiated."""
+    from ekipl_kernels.reference import token_losses
+
+    gen = torch.Generator().manual_seed(1)
+    lp = (-torch.rand(40, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    old = lp.detach() + 0.5 * torch.randn(40, generator=gen, dtype=torch.float64)
+    ref = lp.detach() + 0.5 * torch.randn(40, generator=gen, dtype=torch.float64)
+    adv = torch.zeros(40, dtype=torch.float64)  # the surrogate vanishes: the loss is beta * kl
+    config = LossConfig(beta=1.0, kl_bias_correction=True, log_ratio_clamp=None, kl_clamp=None)
+    loss, _ = token_losses(lp, None, advantages=adv, is_expert=torch.zeros(40, dtype=torch.bool), old_logprobs=old,
+                           ref_logprobs=ref, behavior_logprobs=None, config=config)
+    expected = (torch.exp(ref - lp) - (ref - lp) - 1) * torch.exp(lp - old)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(x.sum(), lp)[0] for x in (loss, expected)))

@@ -41,7 +41,11 @@ AGGREGATION_OF_LOSS_TYPE = {
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
+# TRL loss_type -> LossConfig.policy_loss (the others clip).
+POLICY_LOSS_OF_LOSS_TYPE = {"cispo": "cispo", "sapo": "sapo"}
 
 # Batch keys TRL forwards to the model besides input_ids/attention_mask. In the loss pass TRL scores the
 # whole micro-batch in one call, so every one of them goes to the model whole.
@@ -78,16 +82,12 @@ def unsupported_grpo_settings(args: GRPOConfig) -> list[str]:
             "log-probs before the loss runs; set it to None or train with trl.GRPOTrainer"
         )
     eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    if args.delta is not None and not args.delta >= 1.0 + eps_high:
+    clipped = args.loss_type not in POLICY_LOSS_OF_LOSS_TYPE  # TRL's cispo and sapo ignore delta
+    if clipped and args.delta is not None and not args.delta >= 1.0 + eps_high:
         # With delta >= 1 + epsilon_high, TRL's two-sided clip equals the dual clip min(pg, -delta*A) for A < 0.
         problems.append(
             f"delta={args.delta}: the fused loss maps delta onto its dual clip, which equals TRL's two-sided clip "
             f"only when delta >= 1 + epsilon_high = {1.0 + eps_high}; raise delta or set it to None"
-        )
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        problems.append(
-            "use_bias_correction_kl=True with beta != 0: TRL multiplies the KL by the differentiable ratio, the fused "
-            "loss adds the plain k3 KL; set use_bias_correction_kl=False or train with trl.GRPOTrainer"
         )
     if args.use_adaptive_entropy:
         problems.append(
@@ -128,12 +128,19 @@ def _unsupported_model_settings(model: torch.nn.Module, aux_loss_enabled: bool) 
 def loss_config_for(args: GRPOConfig, *, expert_mode: str = "ratio", shaping_gamma: float = 0.1,
                     is_cap: Optional[float] = None) -> LossConfig:
     """The :class:`LossConfig` equivalent to a (supported) ``GRPOConfig``."""
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    policy_loss = POLICY_LOSS_OF_LOSS_TYPE.get(args.loss_type, "clip")
     return LossConfig(
+        policy_loss=policy_loss,
         eps_low=args.epsilon,
-        eps_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        dual_clip=args.delta,
+        eps_high=eps_high,
+        cispo_cap=eps_high if policy_loss == "cispo" else LossConfig.cispo_cap,  # TRL caps CISPO at epsilon_high
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg,
+        dual_clip=args.delta if policy_loss == "clip" else None,  # TRL's cispo and sapo ignore delta
         beta=args.beta,
         kl="k3",
+        kl_bias_correction=args.use_bias_correction_kl,
         temperature=args.temperature,
         entropy_coef=args.entropy_coef,
         expert_mode=expert_mode,
@@ -188,13 +195,15 @@ class FusedGRPOTrainer(GRPOTrainer):
         e > 0 expert e) that a subclass's ``_generate_and_score_completions`` adds; ``expert_mode="is"``
         also reads ``inputs["behavior_per_token_logps"]`` (``[B, T]``, the expert's own log-probs).
 
-    Mapping (TRL name -> LossConfig): epsilon -> eps_low, epsilon_high -> eps_high, delta -> dual_clip,
-    beta -> beta with the k3 KL, temperature -> temperature, entropy_coef -> entropy_coef (bnpo only),
-    loss_type -> agg and normalizer (grpo: seq-mean over all B completions; bnpo: local token mean;
-    dr_grpo: token sum / (B * max_completion_length); dapo: token sum / TRL's global token count), each
-    divided by the gradient-accumulation steps exactly where TRL divides. TRL's vLLM importance weights
-    multiply the surrogate only, so they are folded into per-token advantages (the clipped surrogate is
-    positively homogeneous in A).
+    Mapping (TRL name -> LossConfig): epsilon -> eps_low, epsilon_high -> eps_high (and cispo_cap for cispo),
+    delta -> dual_clip (clipping loss types), beta -> beta with the k3 KL, use_bias_correction_kl ->
+    kl_bias_correction, sapo_temperature_pos/neg -> the same, temperature -> temperature, entropy_coef ->
+    entropy_coef (bnpo only), loss_type -> policy_loss ("cispo", "sapo", else "clip") and agg and normalizer
+    (grpo, sapo: seq-mean over all B completions; bnpo: local token mean; dr_grpo: token sum /
+    (B * max_completion_length); dapo, cispo: token sum / TRL's global token count), each divided by the
+    gradient-accumulation steps exactly where TRL divides. TRL's vLLM importance weights multiply the surrogate
+    only, so they are folded into per-token advantages (every surrogate is positively homogeneous in A, and
+    SAPO's temperature follows the sign of A, which a positive weight keeps).
     """
 
     def __init__(
@@ -225,11 +234,11 @@ class FusedGRPOTrainer(GRPOTrainer):
         """The count that replaces the local one of ``fused_loss_config.agg`` (see LossConfig), as TRL divides."""
         accumulation = self.current_gradient_accumulation_steps if train else 1
         batch_size = mask.shape[0]
-        if self.loss_type in ("grpo", "dr_grpo"):  # every completion counts, all-masked ones included
+        if self.loss_type in ("grpo", "sapo", "dr_grpo"):  # every completion counts, all-masked ones included
             return torch.tensor(float(batch_size * accumulation), device=mask.device)
         if self.loss_type == "bnpo":
             return normalizer_count("token-mean", None, mask).clamp(min=1.0) * accumulation
-        # dapo: num_items_in_batch counts the generation batch's tokens over all processes
+        # dapo, cispo: num_items_in_batch counts the generation batch's tokens over all processes
         normalizer = inputs["num_items_in_batch"].float().clamp(min=1.0) / self.accelerator.num_processes
         if train:
             normalizer = normalizer * accumulation / self.args.steps_per_generation
@@ -306,12 +315,17 @@ class FusedGRPOTrainer(GRPOTrainer):
             owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=lp.device), lengths)
             return torch.zeros(lengths.numel(), device=lp.device).index_add(0, owner, x.float()) / lengths
 
-        if self.beta != 0.0:
-            d = loss_inputs["ref_logprobs"] - lp
-            metrics["kl"].append(global_mean(torch.exp(d) - d - 1))
-        metrics["entropy"].append(global_mean(output.entropy))
         old = loss_inputs["old_logprobs"]
         ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
+        if self.beta != 0.0:
+            d = loss_inputs["ref_logprobs"] - lp
+            kl = torch.exp(d) - d - 1
+            metrics["kl"].append(global_mean(kl * ratio if self.args.use_bias_correction_kl else kl))
+        metrics["entropy"].append(global_mean(output.entropy))
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_mean((ratio > self.epsilon_high) & (advantages > 0)))
+        if self.loss_type in ("cispo", "sapo"):  # TRL logs no PPO clip ratios for them
+            return self._log_policy_loss(output, count, metrics, train)
         low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
         high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
         metrics["clip_ratio/low_mean"].append(global_mean(low))
@@ -319,6 +333,9 @@ class FusedGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/region_mean"].append(global_mean(low | high))
         metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(completion_means(low))).item())
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(completion_means(high))).item())
+        self._log_policy_loss(output, count, metrics, train)
+
+    def _log_policy_loss(self, output: LossOutput, count: torch.Tensor, metrics: dict, train: bool) -> None:
         if self._entropy_bonus_enabled:  # bnpo only (see unsupported_grpo_settings)
             # TRL's policy_loss is the loss before the entropy bonus and the accumulation division.
             accumulation = self.current_gradient_accumulation_steps if train else 1

@@ -39,12 +39,14 @@ def _inv_tau(temperature: float) -> float:
 
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                            behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
-                           expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy,
+                           expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss,
+                           cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction, need_entropy,
                            grad_hidden, grad_weight, schedule=0, scratch_bytes=0, bias=None, grad_bias=False):
     _check_dtype("fused_linear_grpo_loss", hidden)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
                      eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                     log_ratio_clamp, kl_clamp)
+                     log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
+                     kl_bias_correction)
     n = hidden.shape[0]
     grad_bias = grad_bias and bias is not None
     if n == 0:
@@ -63,11 +65,13 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_e
 
 def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
               eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma,
-              is_cap, tis_cap, log_ratio_clamp, kl_clamp, need_entropy, grad_logits):
+              is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos,
+              sapo_temperature_neg, kl_bias_correction, need_entropy, grad_logits):
     _check_dtype("grpo_loss", logits)
     tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
                      eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                     log_ratio_clamp, kl_clamp)
+                     log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
+                     kl_bias_correction)
     logits = logits.detach()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_logits else None
     out = logits_loss(logits, targets.contiguous(), tok, _inv_tau(temperature), grad=grad)

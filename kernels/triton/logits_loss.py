@@ -24,7 +24,8 @@ def _logits_loss_kernel(
     logits_ptr, stride_logits, grad_ptr, stride_grad, targets_ptr, lp_out, ent_out, loss_out, scale_ptr,
     N, V, inv_tau,
     adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp,
+    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap,
+    sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SYNC_TILES: tl.constexpr,
 ):
@@ -52,7 +53,8 @@ def _logits_loss_kernel(
         w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
                                             beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
                                             entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                                            log_ratio_clamp, kl_clamp)
+                                            log_ratio_clamp, kl_clamp, policy_loss,
+                                            cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction)
         tl.store(loss_out + rows, w_loss, mask=row_ok)
         if WRITE_GRAD:
             coef = inv_tau / tl.load(scale_ptr)

@@ -18,7 +18,8 @@ from .token_loss import TOKEN_INT_ARGS, VARLEN_ARGS, TokenArgs, load_token_loss
 def _token_finish_kernel(
     part_ptr, splits, N, lp_out, ent_out, lse_out, loss_out, coef_lp_out, coef_ent_out, scale_ptr, inv_tau,
     adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp,
+    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap,
+    sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction,
     BLOCK: tl.constexpr, WITH_LOSS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -44,7 +45,8 @@ def _token_finish_kernel(
         w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
                                             beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
                                             entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp,
-                                            kl_clamp)
+                                            kl_clamp, policy_loss,
+                                            cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction)
         tl.store(loss_out + rows, w_loss, mask=row_ok)
         # The backward GEMMs see the gradient divided by scale (the largest |w|): fp16 keeps it.
         coef = inv_tau / tl.load(scale_ptr)

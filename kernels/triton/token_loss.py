@@ -16,14 +16,15 @@ import triton
 import triton.language as tl
 
 # Integer switches that Triton must not specialise on (a value of 1 would compile another variant).
-TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode"]
+TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode", "policy_loss", "kl_bias_correction"]
 # Counts that change with every varlen batch (N, and the vocabulary splits of the fused forward, which
 # follow N): specialising on them (N % 16, N == 1) would compile new variants as batches come, and no
 # kernel here gains from their divisibility.
 VARLEN_ARGS = ["N"]
 # The loss scalars in the order of the ``ekipl::`` ops and of ``token_loss`` (0 turns a cap or clamp off).
 SCALARS = ("eps_low", "eps_high", "dual_clip", "beta", "kl_kind", "entropy_coef", "expert_mode", "shaping_gamma",
-           "is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp")
+           "is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp", "policy_loss", "cispo_cap", "sapo_temperature_pos",
+           "sapo_temperature_neg", "kl_bias_correction")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class TokenArgs:
     tis_cap: float
     log_ratio_clamp: float
     kl_clamp: float
+    policy_loss: int
+    cispo_cap: float
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    kl_bias_correction: int
 
     def __post_init__(self) -> None:
         n = self.advantages.shape[0]
@@ -59,8 +65,9 @@ class TokenArgs:
             raise ValueError(f"ref_logprobs is required when beta > 0 (beta={self.beta})")
         if (self.expert_mode == 1 or self.tis_cap > 0) and self.behavior_logprobs is None:
             raise ValueError("behavior_logprobs is required with expert_mode=1 ('is') or tis_cap > 0")
-        if self.kl_kind not in (1, 2, 3) or self.expert_mode not in (0, 1, 2):
-            raise ValueError(f"kl_kind must be 1/2/3 and expert_mode 0/1/2; got {self.kl_kind}, {self.expert_mode}")
+        if self.kl_kind not in (1, 2, 3) or self.expert_mode not in (0, 1, 2) or self.policy_loss not in (0, 1, 2):
+            raise ValueError(f"kl_kind must be 1/2/3, expert_mode and policy_loss 0/1/2; got {self.kl_kind}, "
+                             f"{self.expert_mode}, {self.policy_loss}")
         bad = [f"{name}={getattr(self, name)}" for name in SCALARS if not math.isfinite(getattr(self, name))]
         if bad:
             raise ValueError(f"the loss scalars must be finite; got {', '.join(bad)}")
@@ -108,7 +115,8 @@ def _clamp(x, bound):
 
 @triton.jit
 def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-               entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp):
+               entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss,
+               cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction):
     """``(l_t, dl_t/dlp_t)`` for vectors of tokens; see DESIGN.md, "The loss (normative)"."""
     old = tl.where(has_old != 0, old, lp)  # no old log-probs: old = stop_grad(lp), ratio 1
     importance = is_expert & (expert_mode == 1)
@@ -118,8 +126,17 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
     clipped = -tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
     pg = tl.maximum(unclipped, clipped)
     d_pg = tl.where(clipped > unclipped, 0.0, -adv * ratio * slope)  # the clamp is flat where it wins
+    # CISPO: -w A lp with the weight w = min(ratio, cap) not differentiated.
+    w_cispo = tl.minimum(ratio, cispo_cap)
+    pg = tl.where(policy_loss == 1, -w_cispo * adv * lp, pg)
+    d_pg = tl.where(policy_loss == 1, -w_cispo * adv, d_pg)
+    # SAPO: a soft gate -sigmoid(t (ratio - 1)) 4 / t A, t by the sign of A.
+    tau = tl.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+    gate = tl.sigmoid(tau * (ratio - 1.0))
+    pg = tl.where(policy_loss == 2, -gate * 4.0 / tau * adv, pg)
+    d_pg = tl.where(policy_loss == 2, -4.0 * adv * gate * (1.0 - gate) * ratio * slope, d_pg)
     cap = -dual_clip * adv
-    dual = (dual_clip > 0) & (adv < 0) & (cap < pg)
+    dual = (policy_loss == 0) & (dual_clip > 0) & (adv < 0) & (cap < pg)
     pg = tl.where(dual, cap, pg)
     d_pg = tl.where(dual, 0.0, d_pg)
     # Truncated importance weight on policy tokens only, not differentiated.
@@ -141,6 +158,9 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
     k3, k3_slope = _clamp(exp_d - d3 - 1.0, kl_clamp)
     kl = tl.where(kl_kind == 1, -d, tl.where(kl_kind == 2, 0.5 * d * d, k3))
     d_kl = tl.where(kl_kind == 1, 1.0, tl.where(kl_kind == 2, -d, (1.0 - exp_d) * d3_slope * k3_slope))
+    # The bias-corrected KL ratio * kl, differentiated through the ratio too.
+    d_kl = tl.where(kl_bias_correction != 0, ratio * d_kl + kl * ratio * slope, d_kl)
+    kl = tl.where(kl_bias_correction != 0, kl * ratio, kl)
     loss = pg + tl.where(beta > 0, beta * kl, 0.0)  # where, not a product: ref may be absent when beta = 0
     d_lp = d_pg + tl.where(beta > 0, beta * d_kl, 0.0)
     loss = tl.where(entropy_coef != 0, loss - entropy_coef * ent, loss)
@@ -150,7 +170,8 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
 @triton.jit
 def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low,
                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                    log_ratio_clamp, kl_clamp):
+                    log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
+                    kl_bias_correction):
     """Loads the token inputs of ``rows``; returns ``(w_t, w_t l_t, w_t dl_t/dlp_t)``, both products exactly 0
     where ``w_t = 0`` (a masked token's inputs and log-prob may be NaN or inf: 0 * NaN would be NaN)."""
     adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
@@ -161,6 +182,7 @@ def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, 
     beh = tl.load(beh_ptr + rows, mask=row_ok & ((expert_mode == 1) | (tis_cap > 0)), other=0.0)
     loss, d_lp = token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_high, dual_clip, beta,
                             kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp,
-                            kl_clamp)
+                            kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
+                            kl_bias_correction)
     active = w != 0
     return w, tl.where(active, w * loss, 0.0), tl.where(active, w * d_lp, 0.0)
