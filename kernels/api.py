@@ -78,7 +78,7 @@ def fused_linear_grpo_loss(
     options = _with_env(options)
     values = values_checked(hidden.device, options.debug_checks)
     check_matrix_inputs(hidden, weight, targets, bias, values=values)
-    name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
+    name = _loss_backend(resolve_backend(backend or options.backend, hidden.device, hidden.dtype), config)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -124,7 +124,7 @@ def grpo_loss(
     options = _with_env(options)
     values = values_checked(logits.device, options.debug_checks)
     check_logits_inputs(logits, targets, values=values)
-    name = resolve_backend(backend or options.backend, logits.device, logits.dtype)
+    name = _loss_backend(resolve_backend(backend or options.backend, logits.device, logits.dtype), config)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -173,6 +173,12 @@ def fused_linear_logprobs(
             bias=None if bias is None else bias.detach(),
         )
     return (lp, entropy) if return_entropy else lp
+
+
+def _loss_backend(name: str, config: LossConfig) -> str:
+    """The C++ and Triton kernels form each token's loss from that token alone; sequence-level ratios couple the
+    tokens of a sequence, so they run on the chunked backend's two passes (LossConfig.ratio_level)."""
+    return "chunked" if name in ("cpu", "triton") and config.ratio_level == "sequence" else name
 
 
 _DEFAULT_OPTIONS = KernelOptions()

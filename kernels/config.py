@@ -12,6 +12,7 @@ import torch
 KL_ESTIMATORS = ("k1", "k2", "k3")
 EXPERT_MODES = ("ratio", "is", "shaped")
 POLICY_LOSSES = ("clip", "cispo", "sapo")
+RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -33,6 +34,12 @@ class LossConfig:
         "sapo" (TRL 1.16's loss_type="sapo"): ``-sigmoid(t (rho - 1)) * 4 / t * A``, a soft gate instead of the
             clip, ``t = sapo_temperature_pos`` where ``A > 0``, else ``sapo_temperature_neg``.
         eps_low, eps_high and dual_clip belong to "clip" only.
+    ratio_level: "token" (each token's own ratio) or "sequence" (GSPO, TRL's importance_sampling_level="sequence"):
+        every token of a sequence takes ``rho = exp(mean over the sequence's unmasked tokens of (lp - old))``, the
+        log-ratio clamp applied to that mean, its gradient reaching every token's lp. Every policy_loss,
+        kl_bias_correction and expert_mode "ratio" or "shaped" (expert tokens enter their sequence's mean) take it;
+        "is" is refused. The C++ and Triton backends run it through the chunked torch backend (two passes: the
+        log-probs first, then the gradient through per-token coefficients).
     cispo_cap: the cap of CISPO's importance weight (TRL passes its epsilon_high; 5.0 is ScaleRL's value).
     sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (TRL's defaults 1.0 and 1.05).
     dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c * A``; None disables it.
@@ -75,6 +82,7 @@ class LossConfig:
     """
 
     policy_loss: str = "clip"
+    ratio_level: str = "token"
     eps_low: float = 0.2
     eps_high: float = 0.2
     cispo_cap: float = 5.0
@@ -109,6 +117,10 @@ class LossConfig:
             raise bad("eps_high", "expected eps_high >= 0")
         if self.policy_loss not in POLICY_LOSSES:
             raise bad("policy_loss", f"expected one of {POLICY_LOSSES}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise bad("ratio_level", f"expected one of {RATIO_LEVELS}")
+        if self.ratio_level == "sequence" and self.expert_mode == "is":
+            raise bad("ratio_level", "expert_mode='is' takes a per-token ratio to the behaviour log-probs")
         for name in ("cispo_cap", "sapo_temperature_pos", "sapo_temperature_neg"):
             if not getattr(self, name) > 0.0:
                 raise bad(name, f"expected {name} > 0")

@@ -30,6 +30,7 @@ class TokenInputs:
     old_logprobs: Optional[torch.Tensor]  # fp32; None = ratio 1 (old = stop_grad(lp))
     ref_logprobs: Optional[torch.Tensor]  # fp32
     behavior_logprobs: Optional[torch.Tensor]  # fp32
+    seq_start: Optional[torch.Tensor] = None  # int64, the position of the first token of each token's sequence
 
     def select(self, index: Union[slice, torch.Tensor]) -> "TokenInputs":
         """The inputs of the tokens ``index`` (a slice or an index tensor)."""
@@ -182,7 +183,7 @@ def prepare_token_inputs(
         raise ValueError(f"behavior_logprobs [N]=[{n}] is required with {why}")
 
     agg_weight = mask * _aggregation_scale(mask, seq_index, lengths, num_seqs, normalizer, config, check_values)
-    return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh)
+    return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh, cu[:-1][seq_index])
 
 
 def _advantages_per_token(

@@ -29,10 +29,12 @@ def token_losses(
     ref_logprobs: Optional[torch.Tensor],
     behavior_logprobs: Optional[torch.Tensor],
     config: LossConfig,
+    seq_log_ratio: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss ``l_t = pg_t + beta * kl_t - alpha * H_t`` (differentiable in logprobs, entropy).
 
-    All inputs are ``[N]``; ``advantages`` per token. Returns the loss and per-token diagnostics
+    All inputs are ``[N]``; ``advantages`` per token; ``seq_log_ratio`` (``ratio_level="sequence"`` only) each
+    token's sequence log-ratio, from :func:`sequence_log_ratio`. Returns the loss and per-token diagnostics
     (``ratio``, ``clipped`` (bool), ``ppo`` (bool: the token takes the clipped surrogate), ``kl``) used
     for the statistics.
     """
@@ -45,7 +47,9 @@ def token_losses(
     # log-ratio that its token does not use (an overflow there would poison the gradient of the other).
     importance = is_expert & (config.expert_mode == "is")
     base = torch.where(importance, beh, old) if config.expert_mode == "is" else old
-    log_ratio = _clamp(lp - base, config.log_ratio_clamp)
+    if config.ratio_level == "sequence" and seq_log_ratio is None:
+        raise ValueError("ratio_level='sequence' needs seq_log_ratio (see sequence_log_ratio)")
+    log_ratio = _clamp(seq_log_ratio if config.ratio_level == "sequence" else lp - base, config.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     if config.policy_loss == "clip":
         unclipped = -ratio * adv
@@ -100,6 +104,19 @@ def token_losses(
     if kl is not None:
         diagnostics["kl"] = kl.detach()
     return loss, diagnostics
+
+
+def sequence_log_ratio(
+    logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], seq_start: torch.Tensor, mask: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Each token's sequence mean of ``lp - old`` over the sequence's unmasked tokens (GSPO), differentiable in
+    ``logprobs``; ``seq_start`` indexes a buffer of ``n`` sequence slots. ``old=None``: ``stop_grad(lp)``."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    on = mask != 0
+    diff = torch.where(on, logprobs - old, 0.0)
+    sums = diff.new_zeros(n).index_add(0, seq_start, diff)
+    counts = diff.new_zeros(n).index_add(0, seq_start, on.to(diff.dtype))
+    return sums[seq_start] / counts[seq_start].clamp(min=1.0)
 
 
 def aggregate(
@@ -165,13 +182,24 @@ def active_token_losses(
     lp_on, entropy_on = logprobs_and_entropy(logits_of(on), targets[on], config.temperature)
     with torch.no_grad():
         lp_off, entropy_off = logprobs_and_entropy(logits_of(off), targets[off], config.temperature)
-    active = tok.select(on)
-    loss, diagnostics = token_losses(
-        lp_on, entropy_on, advantages=active.advantages, is_expert=active.is_expert, old_logprobs=active.old_logprobs,
-        ref_logprobs=active.ref_logprobs, behavior_logprobs=active.behavior_logprobs, config=config,
-    )
+    loss, diagnostics = unmasked_token_losses(lp_on, entropy_on, on, tok, config)
     every = lambda a, b: a.new_empty(tok.mask.shape).index_copy_(0, on, a.detach()).index_copy_(0, off, b)  # noqa: E731
     return ActiveTokens(on, loss, diagnostics, every(lp_on, lp_off), every(entropy_on, entropy_off))
+
+
+def unmasked_token_losses(lp_on: torch.Tensor, entropy_on: torch.Tensor, on: torch.Tensor, tok: TokenInputs,
+                          config: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`token_losses` of the unmasked tokens ``on`` (their log-probs and entropies given), sequence
+    log-ratios formed over them."""
+    active = tok.select(on)
+    seq = None
+    if config.ratio_level == "sequence":
+        seq = sequence_log_ratio(lp_on, active.old_logprobs, active.seq_start, active.mask, tok.mask.shape[0])
+    return token_losses(
+        lp_on, entropy_on, advantages=active.advantages, is_expert=active.is_expert, old_logprobs=active.old_logprobs,
+        ref_logprobs=active.ref_logprobs, behavior_logprobs=active.behavior_logprobs, config=config,
+        seq_log_ratio=seq,
+    )
 
 
 def _loss(
@@ -238,10 +266,13 @@ def statistics(
     Every token goes through the elementwise :func:`token_losses`; :func:`summarize` selects the unmasked
     ones with ``torch.where``, so nothing here waits for the device (no ``nonzero``, no ``float()``)."""
     with torch.no_grad():
+        seq = None
+        if config.ratio_level == "sequence":
+            seq = sequence_log_ratio(logprobs, tok.old_logprobs, tok.seq_start, tok.mask, tok.mask.shape[0])
         _, diagnostics = token_losses(
             logprobs, None, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
             ref_logprobs=tok.ref_logprobs, behavior_logprobs=tok.behavior_logprobs,
-            config=replace(config, entropy_coef=0.0),
+            config=replace(config, entropy_coef=0.0), seq_log_ratio=seq,
         )
     return summarize(tok.mask, tok.is_expert, diagnostics, entropy)
 

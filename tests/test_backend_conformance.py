@@ -244,3 +244,53 @@ def test_kl_bias_correction_is_trls():
     expected = (torch.exp(ref - lp) - (ref - lp) - 1) * torch.exp(lp - old)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(*(torch.autograd.grad(x.sum(), lp)[0] for x in (loss, expected)))
+
+
+SEQUENCE_LEVEL_CONFIGS = {
+    "gspo": LossConfig(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, beta=0.05, entropy_coef=0.01),
+    "gspo-seq-mean-kl-corrected": LossConfig(ratio_level="sequence", eps_low=0.05, eps_high=0.05, beta=0.1,
+                                             kl_bias_correction=True, agg="seq-mean-token-mean"),
+    "sapo-sequence-shaped-experts": LossConfig(ratio_level="sequence", policy_loss="sapo", expert_mode="shaped"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_LEVEL_CONFIGS))
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_level_ratio(backend, entry, name):
+    """GSPO's sequence ratio against the reference (the C++ and Triton names run the chunked two passes), in one
+    chunk and across many (a sequence split between chunks), per-sequence and per-token advantages."""
+    import ekipl_kernels.chunked as chunked
+
+    loss_fn, inputs_of = ENTRY_POINTS[entry]
+    config = SEQUENCE_LEVEL_CONFIGS[name]
+    for per_token in (False, True):
+        batch = random_batch(seed=19, logit_scale=2.0, per_token_advantages=per_token)
+        assert_matches_reference(loss_fn, inputs_of(batch), batch, config, backend)
+    budget = chunked.CHUNK_BYTES
+    try:
+        chunked.CHUNK_BYTES = 4 * 1001 * 5  # five rows a chunk
+        out, ref = assert_matches_reference(loss_fn, inputs_of(batch), batch, config, backend)
+    finally:
+        chunked.CHUNK_BYTES = budget
+    assert float(out.stats["ratio_mean"]) == pytest.approx(float(ref.stats["ratio_mean"]), rel=1e-5)
+
+
+def test_sequence_level_ratio_is_trls():
+    """TRL 1.16 (importance_sampling_level="sequence"): exp of the masked mean of lp - old over each sequence,
+    broadcast to its tokens, the gradient reaching every token."""
+    from ekipl_kernels.reference import sequence_log_ratio
+
+    lp = torch.randn(7, dtype=torch.float64).requires_grad_()
+    old = torch.randn(7, dtype=torch.float64)
+    mask = torch.tensor([1.0, 0, 1, 1, 1, 0, 0])
+    seq_start = torch.tensor([0, 0, 0, 3, 3, 5, 5])  # sequences [0, 3), [3, 5), [5, 7) (all masked)
+    padded = lambda x: torch.stack([x[0:3], torch.cat([x[3:5], x.new_zeros(1)]), torch.cat([x[5:7], x.new_zeros(1)])])  # noqa: E731
+    pmask = padded(mask)
+    trl = ((padded(lp - old) * pmask).sum(-1) / pmask.sum(-1).clamp(min=1.0))[[0, 0, 0, 1, 1, 2, 2]]
+    ours = sequence_log_ratio(lp, old, seq_start, mask, 7)
+    torch.testing.assert_close(ours, trl)
+    weights = torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(*(torch.autograd.grad((x.exp() * weights).sum(), lp)[0] for x in (ours, trl)))
+    with pytest.raises(ValueError, match="ratio_level"):
+        LossConfig(ratio_level="sequence", expert_mode="is")

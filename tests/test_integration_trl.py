@@ -120,6 +120,10 @@ CASES = {
     # CISPO's weight capped at epsilon_high (low here, so that the batch truncates some).
     "cispo": dict(loss_type="cispo", epsilon_high=1.1, beta=0.04, steps_per_generation=4),
     "sapo": dict(loss_type="sapo", beta=0.04, sapo_temperature_pos=0.8, sapo_temperature_neg=1.3),
+    # GSPO: one clipped ratio per completion (TRL's recommended clip range), KL corrected by it.
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.04),
+    "gspo-token-advantages": dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon=0.01),
+    "gspo-sapo": dict(loss_type="sapo", importance_sampling_level="sequence"),
 }
 BATCH_FEATURES = {
     "dapo": dict(vllm_ratio=True),
@@ -127,6 +131,8 @@ BATCH_FEATURES = {
     "dr_grpo": dict(vllm_ratio=True, tool_mask=True),
     "cispo": dict(vllm_ratio=True),
     "sapo": dict(per_token_advantages=True, tool_mask=True),
+    "gspo": dict(vllm_ratio=True, tool_mask=True),
+    "gspo-token-advantages": dict(per_token_advantages=True),
 }
 
 
@@ -154,7 +160,8 @@ def test_fused_trainer_matches_trl_loss_and_gradients(case, model_path, tokenize
         err = (fused_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)
         assert err < tolerance, f"{case}: gradient of {name} differs, relative error {err:.2e}"
     mode = "eval" if case.endswith("-eval") else "train"
-    clip_metrics = {"cispo": {"cispo_clip_ratio"}, "sapo": set()}.get(case, {"clip_ratio/region_mean"})
+    clip_metrics = {"cispo": {"cispo_clip_ratio"}, "sapo": set(), "gspo-sapo": set()}.get(
+        case, {"clip_ratio/region_mean"})
     for name in clip_metrics:  # the batch exercises clipping (SAPO has none)
         assert fused._metrics[mode][name][-1] > 0
     # TRL's loss metrics, under its names and definitions (a bf16 ratio may cross a clip bound: one token's worth)
@@ -196,7 +203,6 @@ def test_origin_and_expert_mode_reach_the_fused_loss(model_path, tokenizer, tmp_
 
 UNSUPPORTED = [
     (dict(loss_type="vespo"), "loss_type='vespo'"),
-    (dict(loss_type="grpo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
     (dict(delta=1.1, epsilon=0.2), "delta=1.1"),

@@ -66,11 +66,6 @@ def unsupported_grpo_settings(args: GRPOConfig) -> list[str]:
             f"loss_type={args.loss_type!r}: the fused loss implements {sorted(AGGREGATION_OF_LOSS_TYPE)}; "
             "pick one of those or train with trl.GRPOTrainer"
         )
-    if args.importance_sampling_level != "token":
-        problems.append(
-            f"importance_sampling_level={args.importance_sampling_level!r}: the fused loss clips per-token ratios; "
-            "set importance_sampling_level='token' or train with trl.GRPOTrainer"
-        )
     if args.top_entropy_quantile < 1.0:
         problems.append(
             f"top_entropy_quantile={args.top_entropy_quantile}: masking tokens by the current policy's entropy needs "
@@ -141,6 +136,7 @@ def loss_config_for(args: GRPOConfig, *, expert_mode: str = "ratio", shaping_gam
         beta=args.beta,
         kl="k3",
         kl_bias_correction=args.use_bias_correction_kl,
+        ratio_level=args.importance_sampling_level,
         temperature=args.temperature,
         entropy_coef=args.entropy_coef,
         expert_mode=expert_mode,
@@ -291,48 +287,65 @@ class FusedGRPOTrainer(GRPOTrainer):
         model_inputs.update({k: inputs[k] for k in _MODEL_INPUT_KEYS if inputs.get(k) is not None})
         with self.accelerator.autocast():
             output = model(**model_inputs, ekipl_loss=fused_loss)
-        self._log_trl_metrics(output, loss_inputs, policy_advantages, cu_seqlens.diff(), train)
+        sequence_advantages = inputs["advantages"] if inputs["advantages"].dim() == 1 else None
+        self._log_trl_metrics(output, loss_inputs, policy_advantages, sequence_advantages, cu_seqlens.diff(), train)
         return output.loss
 
     def _log_trl_metrics(self, output: LossOutput, loss_inputs: dict, advantages: torch.Tensor,
-                         lengths: torch.Tensor, train: bool) -> None:
+                         sequence_advantages: Optional[torch.Tensor], lengths: torch.Tensor, train: bool) -> None:
         """TRL 1.16's loss metrics with its definitions (``GRPOTrainer._compute_loss``), from the packed tokens:
         ``entropy``, ``kl`` and the ``clip_ratio/*`` means are token means over every process's tokens; a token is
         low-clipped when its ratio is under ``1 - epsilon`` with a negative advantage, high-clipped when over
         ``1 + epsilon_high`` with a positive one (dual-clipped tokens are not counted apart);
         ``clip_ratio/low_min`` and ``high_max`` are the extremes of the completions' own means (empty completions
-        left out); ``policy_loss`` and ``entropy_coef`` when the entropy bonus is on."""
+        left out); ``policy_loss`` and ``entropy_coef`` when the entropy bonus is on. With
+        importance_sampling_level="sequence" the ratio is the completion's, and with per-completion advantages the
+        clip flags are one per completion, averaged over the completions, as TRL's ``[B, 1]`` flags are."""
         mode = "train" if train else "eval"
         metrics = self._metrics[mode]
         lp = output.logprobs
         count = torch.tensor(float(lp.numel()), device=lp.device)
+        completions = lengths.numel()
+        owner = torch.repeat_interleave(torch.arange(completions, device=lp.device), lengths)
 
-        def global_mean(x: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([x.float().sum(), count]), reduction="sum")
+        def global_mean(x: torch.Tensor, n: torch.Tensor = count) -> float:
+            totals = self.accelerator.reduce(torch.stack([x.float().sum(), n]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         def completion_means(x: torch.Tensor) -> torch.Tensor:  # 0/0 = NaN for an empty completion, as in TRL
-            owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=lp.device), lengths)
-            return torch.zeros(lengths.numel(), device=lp.device).index_add(0, owner, x.float()) / lengths
+            return torch.zeros(completions, device=lp.device).index_add(0, owner, x.float()) / lengths
 
         old = loss_inputs["old_logprobs"]
-        ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old)
+        log_ratio = torch.zeros_like(lp) if old is None else lp - old
+        flag_mean, flag_values = global_mean, completion_means
+        if self.importance_sampling_level == "sequence":  # one ratio per completion, TRL's count clamped to 1
+            completion_ratio = torch.exp(torch.zeros(completions, device=lp.device).index_add(0, owner, log_ratio)
+                                         / lengths.clamp(min=1))
+            ratio = completion_ratio[owner]
+        else:
+            ratio = torch.exp(log_ratio)
+        flag_ratio, flag_advantages = ratio, advantages
+        if self.importance_sampling_level == "sequence" and sequence_advantages is not None:
+            # TRL's clip flags are then [B, 1]: means over the completions, empty ones included
+            flag_ratio, flag_advantages = completion_ratio, sequence_advantages.to(lp.device)
+            flag_mean = lambda x: global_mean(x, torch.tensor(float(completions), device=lp.device))  # noqa: E731
+            flag_values = lambda x: x.float()  # noqa: E731
         if self.beta != 0.0:
             d = loss_inputs["ref_logprobs"] - lp
             kl = torch.exp(d) - d - 1
             metrics["kl"].append(global_mean(kl * ratio if self.args.use_bias_correction_kl else kl))
         metrics["entropy"].append(global_mean(output.entropy))
         if self.loss_type == "cispo":
-            metrics["cispo_clip_ratio"].append(global_mean((ratio > self.epsilon_high) & (advantages > 0)))
+            metrics["cispo_clip_ratio"].append(flag_mean((flag_ratio > self.epsilon_high) & (flag_advantages > 0)))
         if self.loss_type in ("cispo", "sapo"):  # TRL logs no PPO clip ratios for them
             return self._log_policy_loss(output, count, metrics, train)
-        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        metrics["clip_ratio/low_mean"].append(global_mean(low))
-        metrics["clip_ratio/high_mean"].append(global_mean(high))
-        metrics["clip_ratio/region_mean"].append(global_mean(low | high))
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(completion_means(low))).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(completion_means(high))).item())
+        low = (flag_ratio < 1 - self.epsilon_low) & (flag_advantages < 0)
+        high = (flag_ratio > 1 + self.epsilon_high) & (flag_advantages > 0)
+        metrics["clip_ratio/low_mean"].append(flag_mean(low))
+        metrics["clip_ratio/high_mean"].append(flag_mean(high))
+        metrics["clip_ratio/region_mean"].append(flag_mean(low | high))
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(flag_values(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(flag_values(high))).item())
         self._log_policy_loss(output, count, metrics, train)
 
     def _log_policy_loss(self, output: LossOutput, count: torch.Tensor, metrics: dict, train: bool) -> None:
