@@ -29,6 +29,11 @@ def train(name: str, config: str, out: Path, steps: int, eval_every: int, extra:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_rows(rows: list[dict]) -> list[dict]:
+    """The training steps' rows (evaluations are logged as rows of their own, holding eval/* only)."""
+    return [r for r in rows if "reward/mean" in r]
+
+
 def final(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if key in r]
     return values[-1] if values else float("nan")
@@ -53,9 +58,9 @@ def main() -> int:
             "heldout_reward_mean": final(rows, "eval/reward_mean"),
             "heldout_accuracy": final(rows, "eval/score"),
             "heldout_format_rate": final(rows, "eval/format_rate"),
-            "train_reward_last5": sum(r["reward/mean"] for r in rows[-5:]) / len(rows[-5:]),
-            "action_source_ratio_mean": sum(r["groups/action_source_ratio"] for r in rows) / len(rows),
-            "zero_variance_frac_mean": sum(r["groups/zero_variance_frac"] for r in rows) / len(rows),
+            "train_reward_last5": sum(r["reward/mean"] for r in step_rows(rows)[-5:]) / len(step_rows(rows)[-5:]),
+            "action_source_ratio_mean": sum(r["groups/action_source_ratio"] for r in step_rows(rows)) / len(step_rows(rows)),
+            "zero_variance_frac_mean": sum(r["groups/zero_variance_frac"] for r in step_rows(rows)) / len(step_rows(rows)),
         }
         for name, rows in runs.items()
     }
@@ -81,7 +86,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, rows in runs.items():
-        train_ax.plot([r["step"] for r in rows], [r["reward/mean"] for r in rows], label=name)
+        train_ax.plot([r["step"] for r in step_rows(rows)], [r["reward/mean"] for r in step_rows(rows)], label=name)
         points = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
         eval_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     train_ax.set(title="policy reward (training prompts)", xlabel="step", ylabel="reward (format + accuracy)")
