@@ -7,10 +7,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random Qwen2.5-VL (weights, processor, chat template), built offline once per test session."""
+    """A tiny random Qwen2.5-VL (weights, processor, chat template), built offline once per test session; without
+    the warm start, which tests/test_sft.py covers, to keep the session fast."""
     from ekipl.tools.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0, warm_start_steps=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,31 @@
 """The synthetic counting task: determinism, the record format, rendering, and the oracle expert."""
 
+import math
 import random
 import re
+from collections import Counter
 
 import pytest
 from PIL import Image
 
 from ekipl.data import SYNTHETIC_TASK, load_records
 from ekipl.data.synthetic import (
+    ANSWER_RANGE,
     BACKGROUND,
     COLORS,
     GRID,
+    QUESTION_MIX,
     SIZES,
     Scene,
+    chance_baselines,
+    guessed_answer,
     oracle_answer,
     render_scene,
+    scene_answer,
+    synthetic_row,
     tokenizer_corpus,
     write_synthetic_dataset,
+    write_synthetic_split,
 )
 from ekipl.rewards import RewardSet
 
@@ -153,3 +162,65 @@ def test_tokenizer_corpus_covers_a_small_closed_vocabulary():
     assert any(text.endswith("final answer (number) in <answer> </answer> tags.") for text in corpus)
     assert any(text.startswith("<think>There are") and text.endswith("</answer>") for text in corpus)
     assert tokenizer_corpus() == corpus
+
+
+def test_answers_are_balanced_so_the_majority_class_is_near_chance():
+    scenes = [synthetic_row("train", index, seed=3)[1] for index in range(1200)]
+    answers = Counter(scene_answer(scene) for scene in scenes)
+    possible = range(ANSWER_RANGE[0], ANSWER_RANGE[1] + 1)
+    assert set(answers) == set(possible)
+    expected, sigma = 1200 / len(possible), math.sqrt(1200 * (1 / len(possible)) * (1 - 1 / len(possible)))
+    assert all(abs(count - expected) < 4.5 * sigma for count in answers.values()), answers
+    kinds = Counter(len(scene.subtract) for scene in scenes)
+    total_weight = sum(QUESTION_MIX.values())
+    for subtractions, weight in QUESTION_MIX.items():
+        share = weight / total_weight
+        assert abs(kinds[subtractions] - 1200 * share) < 4.5 * math.sqrt(1200 * share * (1 - share)), kinds
+
+
+def test_chance_baselines_by_hand():
+    baselines = chance_baselines(["1", "2", "2", "3", "9"], (1, 4), ks=(1, 2))
+    assert baselines["majority"] == pytest.approx(40.0)  # "2", 2 of 5
+    assert baselines["random"] == pytest.approx(100 * (4 / 5) / 4)  # "9" is out of range: never guessed
+    assert baselines["random_pass@1"] == pytest.approx(baselines["random"])
+    assert baselines["random_pass@2"] == pytest.approx(100 * (4 / 5) * (1 - (3 / 4) ** 2))
+    assert baselines["majority_pass@2"] == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="no answers"):
+        chance_baselines([])
+
+
+def test_chance_baselines_match_simulated_guessers(dataset):
+    gold = [record.gold_answer for record in load_records(dataset.test, task=SYNTHETIC_TASK, image_root=dataset.image_root)]
+    baselines = chance_baselines(gold, ks=(1, 4))
+    rng = random.Random(0)
+    trials = 4000
+    guess = lambda: str(rng.randint(*ANSWER_RANGE))  # noqa: E731
+    hits = sum(guess() == gold[t % len(gold)] for t in range(trials)) / trials
+    hits_of_four = sum(any(guess() == gold[t % len(gold)] for _ in range(4)) for t in range(trials)) / trials
+    assert hits * 100 == pytest.approx(baselines["random"], abs=3.0)
+    assert hits_of_four * 100 == pytest.approx(baselines["random_pass@4"], abs=4.0)
+    most_common = Counter(gold).most_common(1)[0][0]
+    assert baselines["majority"] == pytest.approx(100 * sum(g == most_common for g in gold) / len(gold))
+
+
+def test_guessed_answers_have_the_format_consistent_arithmetic_and_no_knowledge(dataset):
+    rewards = RewardSet.for_task(SYNTHETIC_TASK)
+    records = load_records(dataset.train, task=SYNTHETIC_TASK, image_root=dataset.image_root).records
+    rng = random.Random(1)
+    right = 0
+    for record in records * 5:
+        answer = guessed_answer(record, rng)
+        parts = rewards.components(answer, record.solution)
+        assert parts["format"] == 1.0
+        right += parts["accuracy"]
+        for left, minus, result in re.findall(r"(\d+) - (\d+) = (\d+)", answer):
+            assert int(left) - int(minus) == int(result) >= 0
+    assert right / (5 * len(records)) < 0.3  # blind: about 1 in 6 for plain counts, fewer after subtractions
+
+
+def test_a_named_split_has_its_own_rows(tmp_path, dataset):
+    path = write_synthetic_split(tmp_path, "warmstart", 4, seed=11)
+    rows = load_records(path, task=SYNTHETIC_TASK, image_root=tmp_path).records
+    assert [r.id for r in rows] == [f"synthetic-warmstart-{i:06d}" for i in range(4)]
+    train = load_records(dataset.train, task=SYNTHETIC_TASK, image_root=dataset.image_root).records
+    assert [r.extra["scene"] for r in rows] != [r.extra["scene"] for r in train[:4]]

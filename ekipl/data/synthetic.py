@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -29,11 +30,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 210, 40),
     "purple": (130, 40, 180),
 }
-# Radius as a share of a grid cell's side: every object fits in its own cell, so none overlap.
-SIZES: dict[str, float] = {"small": 0.25, "large": 0.42}
+# Radius as a share of a grid cell's side: every object fits in its own cell, so none overlap. Objects fill
+# most of their cell (one image token each for the tiny model), so that counting them is learnable in minutes.
+SIZES: dict[str, float] = {"small": 0.36, "large": 0.48}
 BACKGROUND = (150, 150, 150)
 GRID = 4  # the canvas is a GRID x GRID board of cells, one object at most per cell
-MIN_OBJECTS, MAX_OBJECTS = 3, 6
+MAX_OBJECTS = 8
+ANSWER_RANGE = (1, 6)  # every answer, inclusive, equally likely
+# Subtractions per question : weight. Plain counts dominate, so that a tiny model can learn to count within
+# a CPU budget; the subtractions (CLEVR-Math's other question kinds) are the hard tail.
+QUESTION_MIX: dict[int, float] = {0: 7, 1: 2, 2: 1}
 
 PLAIN_COUNT_QUESTION = "How many objects are there?"
 LEFT_QUESTION = "How many objects are left?"
@@ -106,17 +112,30 @@ def scene_answer(scene: Scene) -> int:
     return len(scene.objects) - sum(removal_counts(scene))
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """A scene with 3–6 objects: a plain count (1 in 5), one subtraction (3 in 5) or two (1 in 5)."""
+def random_scene(rng: random.Random, question_mix: dict[int, float] | None = None) -> Scene:
+    """A scene whose answer is uniform over ``ANSWER_RANGE``, so that no answer beats another by frequency.
+
+    The answer is drawn first, then the kind of question from ``question_mix`` (subtractions per question:
+    weight; default ``QUESTION_MIX``), then scenes of that kind until one has that answer.
+    """
+    mix = QUESTION_MIX if question_mix is None else question_mix
+    answer = rng.randint(*ANSWER_RANGE)
+    n_groups = rng.choices(list(mix), weights=list(mix.values()))[0]
+    while True:
+        n_objects = answer if n_groups == 0 else rng.randint(answer, MAX_OBJECTS)
+        scene = _scene_of(rng, n_objects, n_groups)
+        if scene_answer(scene) == answer:
+            return scene
+
+
+def _scene_of(rng: random.Random, n_objects: int, n_groups: int) -> Scene:
     all_cells = [(row, col) for row in range(GRID) for col in range(GRID)]
-    cells = rng.sample(all_cells, rng.randint(MIN_OBJECTS, MAX_OBJECTS))
     objects = tuple(
         SceneObject(
             shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=rng.choice(list(SIZES)), row=row, col=col
         )
-        for row, col in cells
+        for row, col in rng.sample(all_cells, n_objects)
     )
-    n_groups = rng.choices((0, 1, 2), weights=(1, 3, 1))[0]
     groups: list[dict[str, str]] = []
     while len(groups) < n_groups:
         group = _random_group(rng, objects)
@@ -164,6 +183,25 @@ def render_scene(scene: Scene, image_size: int = 112) -> Image.Image:
     return image
 
 
+def chance_baselines(
+    gold_answers: Sequence[str], answer_range: tuple[int, int] = ANSWER_RANGE, ks: Sequence[int] = (1,)
+) -> dict[str, float]:
+    """Scores × 100 of answering without looking at the question: ``majority`` always gives the test set's most
+    common answer, ``random`` draws uniformly from ``answer_range`` (inclusive). With k answers per question
+    (``majority_pass@k``, ``random_pass@k``) the majority guess only repeats itself, while k random guesses
+    solve an answer in the range with probability ``1 - (1 - 1/m)^k`` for m possible answers."""
+    if not gold_answers:
+        raise ValueError("no answers to compute baselines from")
+    counts = Counter(gold_answers)
+    possible = {str(value) for value in range(answer_range[0], answer_range[1] + 1)}
+    in_range = sum(count for answer, count in counts.items() if answer in possible) / len(gold_answers)
+    baselines = {"majority": 100.0 * max(counts.values()) / len(gold_answers), "random": 100.0 * in_range / len(possible)}
+    for k in ks:
+        baselines[f"majority_pass@{k}"] = baselines["majority"]
+        baselines[f"random_pass@{k}"] = 100.0 * in_range * (1.0 - (1.0 - 1.0 / len(possible)) ** k)
+    return baselines
+
+
 def _objects_phrase(count: int, name: str) -> str:
     return f"{count} {name}" if count != 1 else f"1 {name[:-1]}"
 
@@ -186,7 +224,23 @@ def oracle_answer(
     removed = removal_counts(scene)
     if error_rate > 0 and rng.random() < error_rate:
         total, removed = _miscount(total, removed, rng)
+    return _worked_answer(scene, total, removed)
 
+
+def guessed_answer(record_or_scene: Record | Scene | dict[str, Any], rng: random.Random) -> str:
+    """The oracle's reasoning and format with every count guessed, blind to the image: the total uniform over
+    ``ANSWER_RANGE`` for a plain count (up to ``MAX_OBJECTS`` before subtractions), each subtracted group
+    uniform up to what is left, the arithmetic consistent. A weak demonstration: it shows how to answer and
+    nothing about the answer."""
+    scene = _as_scene(record_or_scene)
+    total = rng.randint(*ANSWER_RANGE) if not scene.subtract else rng.randint(1, MAX_OBJECTS)
+    removed = []
+    for _ in scene.subtract:
+        removed.append(rng.randint(0, total - sum(removed)))
+    return _worked_answer(scene, total, removed)
+
+
+def _worked_answer(scene: Scene, total: int, removed: list[int]) -> str:
     steps = [f"There {'is' if total == 1 else 'are'} {_objects_phrase(total, 'objects')} in the image."]
     left = total
     for group, count in zip(scene.subtract, removed):
@@ -255,22 +309,27 @@ def synthetic_row(split: str, index: int, seed: int) -> tuple[dict[str, Any], Sc
     return row, scene
 
 
+def write_synthetic_split(out_dir: str | Path, split: str, count: int, *, seed: int, image_size: int = 112) -> Path:
+    """Write ``{split}.jsonl`` with ``count`` rows and their PNG images under ``out_dir``; return the file."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        row, scene = synthetic_row(split, index, seed)
+        render_scene(scene, image_size).save(out_dir / row["image"])
+        lines.append(json.dumps(row))
+    path = out_dir / f"{split}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
 def write_synthetic_dataset(
     out_dir: str | Path, *, n_train: int, n_test: int, seed: int, image_size: int = 112
 ) -> SyntheticDataset:
     """Write ``train.jsonl``, ``test.jsonl`` and their PNG images under ``out_dir``."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, count in (("train", n_train), ("test", n_test)):
-        lines = []
-        for index in range(count):
-            row, scene = synthetic_row(split, index, seed)
-            render_scene(scene, image_size).save(out_dir / row["image"])
-            lines.append(json.dumps(row))
-        files[split] = out_dir / f"{split}.jsonl"
-        files[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return SyntheticDataset(train=files["train"], test=files["test"], image_root=out_dir)
+    train = write_synthetic_split(out_dir, "train", n_train, seed=seed, image_size=image_size)
+    test = write_synthetic_split(out_dir, "test", n_test, seed=seed, image_size=image_size)
+    return SyntheticDataset(train=train, test=test, image_root=Path(out_dir))
 
 
 def tokenizer_corpus(n_scenes: int = 400, seed: int = 0) -> list[str]:
