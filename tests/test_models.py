@@ -53,8 +53,8 @@ def test_tiny_model_is_small_tied_and_knows_the_special_tokens(policy, processor
 
 
 def test_build_is_deterministic_in_the_seed_and_the_cli_writes_a_loadable_model(tiny_model_dir, tmp_path):
-    tiny_model.main([str(tmp_path / "again")])  # seed 0, like the fixture
-    tiny_model.build_tiny_model(tmp_path / "other", seed=1)
+    tiny_model.main([str(tmp_path / "again"), "--warm-start-steps", "0"])  # seed 0, random weights, like the fixture
+    tiny_model.build_tiny_model(tmp_path / "other", seed=1, warm_start_steps=0)
     from safetensors.torch import load_file
 
     first = load_file(tiny_model_dir / "model.safetensors")
