@@ -126,7 +126,9 @@ def test_failures_are_counted_and_the_step_keeps_its_deadline(tmp_path, processo
     assert api["failed"] == 2  # 400 (not retried), 429 until the deadline
     assert server.hits["flaky"] == 3 and server.hits["refused"] == 1 and server.hits["throttled"] > 2
     down = {key.split("/")[-1]: value for key, value in metrics.items() if key.startswith("experts/down/")}
-    assert down["requested"] == 7 and down["received"] == 0 and down["failed"] == 7
+    # refused connections fail fast; on a loaded machine the last retries may meet the deadline instead
+    assert down["requested"] == 7 and down["received"] == 0 and down["failed"] + down["timed_out"] == 7
+    assert down["failed"] >= 1
 
 
 def test_cached_answers_are_not_requested_twice(tmp_path, processor, api_key):
