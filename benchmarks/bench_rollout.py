@@ -17,7 +17,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import platform
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from ekipl.data import Prompt
 from ekipl.rollout.base import GenerateStats, SamplingParams
 from ekipl.rollout.hf import HFEngine
 from ekipl.tools.tiny_model import build_tiny_model
+from cpu_model import cpu_model  # noqa: E402  (a sibling script module: benchmarks/ is on sys.path)
 
 
 def synthetic_prompts(processor, count: int, workdir: Path, max_pixels: int) -> list[Prompt]:
@@ -73,15 +73,7 @@ def row(engine: str, stats: GenerateStats, extra: dict | None = None) -> dict:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def commit() -> str:

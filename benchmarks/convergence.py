@@ -42,6 +42,7 @@ from ekipl.config import load_config  # noqa: E402
 from ekipl.data import SYNTHETIC_TASK, load_records  # noqa: E402
 from ekipl.data.synthetic import ANSWER_RANGE, chance_baselines, write_synthetic_dataset  # noqa: E402
 from ekipl.tools.tiny_model import build_tiny_model  # noqa: E402
+from cpu_model import cpu_model  # noqa: E402  (a sibling script module: benchmarks/ is on sys.path)
 
 RL_METHODS: dict[str, list[str]] = {
     "grpo": ["--experts.experts=[]"],
@@ -172,15 +173,7 @@ def spread(values: list[float]) -> dict:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model(platform.processor() or 'unknown CPU')}, {os.cpu_count()} cores"
 
 
 def git_commit() -> str:
