@@ -218,6 +218,29 @@ def test_unsupported_settings_raise_at_construction(overrides, named, model_path
     assert named in str(info.value)
 
 
+def test_lm_head_bias_is_trained_like_trl(model_path, tokenizer, tmp_path):
+    """A biased LM head (TRL's logits include the bias): same loss and gradients, the bias's included."""
+    def biased_model():
+        torch.manual_seed(3)
+        model = Qwen2ForCausalLM.from_pretrained(model_path)
+        head = torch.nn.Linear(model.config.hidden_size, VOCAB, bias=True)
+        head.weight.data.copy_(model.lm_head.weight.data)
+        head.bias.data.normal_(0.0, 0.5)
+        model.lm_head = head
+        return model
+
+    stock = make_trainer(GRPOTrainer, biased_model(), tokenizer, tmp_path, loss_type="dapo", beta=0.04)
+    fused = make_trainer(FusedGRPOTrainer, biased_model(), tokenizer, tmp_path, loss_type="dapo", beta=0.04)
+    inputs = make_batch(stock, vllm_ratio=False)
+    stock_loss, stock_grads = loss_and_grads(stock, inputs)
+    fused_loss, fused_grads = loss_and_grads(fused, inputs)
+    torch.testing.assert_close(fused_loss, stock_loss.float(), rtol=1e-4, atol=1e-7)
+    assert stock_grads.keys() == fused_grads.keys() and "lm_head.bias" in fused_grads
+    for name, grad in stock_grads.items():
+        err = (fused_grads[name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        assert err < 1e-4, f"gradient of {name} differs, relative error {err:.2e}"
+
+
 def test_logit_softcapping_model_is_refused(model_path, tokenizer, tmp_path):
     model = Qwen2ForCausalLM.from_pretrained(model_path)
     model.config.final_logit_softcapping = 30.0

@@ -40,9 +40,10 @@ def verl_kl(lp, ref, kind):
     return (torch.exp(d) - d - 1).clamp(-10, 10)
 
 
-def verl_actor_loss(old, hidden, weight, responses, adv, mask, mode, cfg, is_weights, ref, temperature):
+def verl_actor_loss(old, hidden, weight, responses, adv, mask, mode, cfg, is_weights, ref, temperature, bias=None):
     """fp64 oracle: returns (loss, metrics) as verl's actor would form them."""
-    logp = torch.log_softmax(hidden.double() @ weight.double().T / temperature, dim=-1)
+    logits = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     lp = logp.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     mask = mask.double()
@@ -101,29 +102,43 @@ def verl_batch(seed, dtype=torch.float32, temperature=1.0):
     )
 
 
-def compare(mode, cfg, batch, *, temperature=1.0, use_old=True, use_is=False):
+def compare(mode, cfg, batch, *, temperature=1.0, use_old=True, use_is=False, bias=None):
+    """``bias``: an LM-head bias ``[V]``, whose gradient is compared too."""
     hidden = batch["hidden"].clone().requires_grad_(True)
     weight = batch["weight"].clone().requires_grad_(True)
+    lm_bias = None if bias is None else bias.clone().requires_grad_(True)
     old = batch["old"] if use_old else None
     is_weights = batch["is_weights"] if use_is else None
     head = FusedLogProbInputs(hidden, weight, batch["responses"], temperature=temperature, ref_log_prob=batch["ref"],
-                              backend="chunked")
+                              backend="chunked", lm_head_bias=lm_bias)
     loss, metrics = compute_policy_loss_fused(old, head, batch["advantages"], batch["mask"], mode, cfg, is_weights)
     loss.backward()
 
     hidden_ref = batch["hidden"].double().requires_grad_(True)
     weight_ref = batch["weight"].double().requires_grad_(True)
+    bias_ref = None if bias is None else bias.double().requires_grad_(True)
     expected, expected_metrics = verl_actor_loss(
         old, hidden_ref, weight_ref, batch["responses"], batch["advantages"].double(), batch["mask"], mode, cfg,
-        is_weights, batch["ref"], temperature,
+        is_weights, batch["ref"], temperature, bias_ref,
     )
     expected.backward()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
-    for got, want in ((hidden.grad, hidden_ref.grad), (weight.grad, weight_ref.grad)):
+    pairs = [(hidden.grad, hidden_ref.grad), (weight.grad, weight_ref.grad)]
+    if bias is not None:
+        pairs.append((lm_bias.grad, bias_ref.grad))
+    for got, want in pairs:
         assert ((got.double() - want).norm() / want.norm()) < 1e-4
     for name, value in expected_metrics.items():
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
     return metrics
+
+
+def test_lm_head_bias():
+    """A biased LM head: verl's logits include the bias; the loss and every gradient, the bias's, match."""
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(5))
+    cfg = actor_config(clip_ratio_high=0.28, use_kl_loss=True, entropy_coeff=0.01)
+    metrics = compare("token-mean", cfg, verl_batch(0), temperature=0.8, bias=bias)
+    assert metrics["actor/pg_clipfrac"] > 0
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)

@@ -110,9 +110,8 @@ def _unsupported_model_settings(model: torch.nn.Module, aux_loss_enabled: bool) 
                 f"model config {name}={value}: the fused loss computes plain W h / temperature logits; "
                 "train this model with trl.GRPOTrainer"
             )
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        problems.append("the model's LM head has a bias (or no LM head): the fused loss takes a bias-free [V, H] weight")
+    if model.get_output_embeddings() is None:
+        problems.append("the model has no LM head (get_output_embeddings() is None): the fused loss needs its weight")
     if aux_loss_enabled:
         problems.append(
             "the MoE router load-balancing loss is enabled: set router_aux_loss_coef=0.0 or train with trl.GRPOTrainer"
@@ -157,7 +156,8 @@ def _raise_if_any(problems: list[str]) -> None:
 
 
 def _install_hidden_state_forward(model: torch.nn.Module) -> None:
-    """Lets ``model(..., ekipl_loss=fn)`` run the backbone and return ``fn(last_hidden_state, lm_head_weight)``.
+    """Lets ``model(..., ekipl_loss=fn)`` run the backbone and return ``fn(last_hidden_state, lm_head_weight,
+    lm_head_bias)`` (the bias None when the head has none).
 
     The loss runs inside the model's forward, as TRL's own fused head does, so that DDP, DeepSpeed
     (ZeRO-3 gathers the head for the call) and FSDP see an ordinary forward. Without ``ekipl_loss`` the
@@ -166,16 +166,19 @@ def _install_hidden_state_forward(model: torch.nn.Module) -> None:
     previous_forward = model.forward
 
     @functools.wraps(previous_forward)  # keep the signature generate() inspects
-    def forward(*args, ekipl_loss: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None, **kwargs):
+    def forward(*args, ekipl_loss: Optional[Callable[..., Any]] = None, **kwargs):
         if ekipl_loss is None:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         hidden = model.base_model(*args, **kwargs).last_hidden_state
-        weight = model.get_output_embeddings().weight
-        if isinstance(weight, DTensor):  # FSDP2 shards the head
-            weight = weight.full_tensor()
-        with maybe_gather_lm_head_ctx(weight):
-            return ekipl_loss(hidden.to(weight.device), weight)
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        with maybe_gather_lm_head_ctx(weight, bias):
+            if isinstance(weight, DTensor):  # FSDP2 shards the head
+                weight = weight.full_tensor()
+            if isinstance(bias, DTensor):
+                bias = bias.full_tensor()
+            return ekipl_loss(hidden.to(weight.device), weight, bias)
 
     model.forward = forward
 
@@ -274,13 +277,14 @@ class FusedGRPOTrainer(GRPOTrainer):
         targets = completion_ids[keep]
         cast_to_fp32 = self.args.cast_lm_head_to_fp32
 
-        def fused_loss(hidden: torch.Tensor, weight: torch.Tensor) -> LossOutput:
+        def fused_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> LossOutput:
             # TRL scores the last logits_to_keep positions of last_hidden_state[:, :-1].
             hidden = hidden[:, -logits_to_keep - 1 : -1][keep]
             dtype = torch.float32 if cast_to_fp32 else hidden.dtype
             # The kernel picks its own precision: autocast must not recast its matmuls.
             with torch.autocast(hidden.device.type, enabled=False):
-                return fused_linear_grpo_loss(hidden.to(dtype), weight.to(dtype), targets, **loss_inputs)
+                return fused_linear_grpo_loss(hidden.to(dtype), weight.to(dtype), targets,
+                                              bias=None if bias is None else bias.to(dtype), **loss_inputs)
 
         model_inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
                         "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}

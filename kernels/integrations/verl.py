@@ -54,6 +54,7 @@ class FusedLogProbInputs:
         (the model's last hidden states shifted left by one, sliced to the response, as verl slices
         its log-probs).
     lm_head_weight: ``[V, H]``; cast to the dtype of ``hidden_states``.
+    lm_head_bias: ``[V]`` when the LM head has a bias (its gradient flows like the weight's); cast likewise.
     responses: ``[B, T]`` token ids whose log-probs verl would compute.
     temperature: the rollout temperature (verl divides the logits by it).
     ref_log_prob: ``[B, T]`` reference log-probs; required when ``config.use_kl_loss``.
@@ -74,6 +75,7 @@ class FusedLogProbInputs:
     shaping_gamma: float = 0.1
     is_cap: Optional[float] = None
     backend: Optional[str] = None
+    lm_head_bias: Optional[torch.Tensor] = None
 
 
 def _setting(config: Any, name: str, default: Any = None) -> Any:
@@ -192,6 +194,7 @@ def compute_policy_loss_fused(
         hidden[keep],
         head.lm_head_weight.to(hidden.dtype),
         head.responses[keep],
+        bias=None if head.lm_head_bias is None else head.lm_head_bias.to(hidden.dtype),
         advantages=weighted_advantages[keep].float(),
         cu_seqlens=torch.nn.functional.pad(keep.sum(-1).cumsum(0), (1, 0)),
         origin=packed(origin),
