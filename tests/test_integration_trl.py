@@ -91,8 +91,8 @@ def make_batch(trainer, *, per_token_advantages=False, tool_mask=False, vllm_rat
         )
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=g)
     inputs["ref_per_token_logps"] = logps + 0.5 * torch.randn(logps.shape, generator=g)
-    if vllm_ratio:
-        ratio = torch.rand(BATCH, COMPLETION_LEN, generator=g) * 2.0
+    if vllm_ratio:  # "sequence": TRL's sequence_* modes, one [B, 1] weight per completion
+        ratio = torch.rand(BATCH, 1 if vllm_ratio == "sequence" else COMPLETION_LEN, generator=g) * 2.0
         ratio[ratio > 1.8] = 0.0  # TRL's *_mask modes zero the ratios outside the bounds
         inputs["importance_sampling_ratio"] = ratio
     return inputs
@@ -124,6 +124,10 @@ CASES = {
     "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.04),
     "gspo-token-advantages": dict(loss_type="dr_grpo", importance_sampling_level="sequence", epsilon=0.01),
     "gspo-sapo": dict(loss_type="sapo", importance_sampling_level="sequence"),
+    # vLLM's correction at sequence level (vllm_importance_sampling_mode="sequence_truncate"/"sequence_mask").
+    "dapo-sequence-is": dict(loss_type="dapo", beta=0.04, vllm_importance_sampling_mode="sequence_truncate"),
+    "gspo-sequence-is": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4,
+                             vllm_importance_sampling_mode="sequence_mask"),
 }
 BATCH_FEATURES = {
     "dapo": dict(vllm_ratio=True),
@@ -133,6 +137,8 @@ BATCH_FEATURES = {
     "sapo": dict(per_token_advantages=True, tool_mask=True),
     "gspo": dict(vllm_ratio=True, tool_mask=True),
     "gspo-token-advantages": dict(per_token_advantages=True),
+    "dapo-sequence-is": dict(vllm_ratio="sequence", per_token_advantages=True),
+    "gspo-sequence-is": dict(vllm_ratio="sequence", tool_mask=True),
 }
 
 
