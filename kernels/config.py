@@ -13,6 +13,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 EXPERT_MODES = ("ratio", "is", "shaped")
 POLICY_LOSSES = ("clip", "cispo", "sapo")
 RATIO_LEVELS = ("token", "sequence")
+TIS_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -65,6 +66,9 @@ class LossConfig:
         ``is_cap`` (a cap that stopped the gradient would drop exactly the tokens it bounds). None: no cap.
     tis_cap: truncated importance weight ``min(exp(old - behavior), tis_cap)`` on policy tokens, for the
         mismatch between rollout engine and trainer; needs ``behavior_logprobs``. None disables it.
+    tis_level: "token" (each policy token its own weight) or "sequence" (TRL's vLLM correction mode
+        "sequence_truncate"): every policy token of a sequence takes ``min(exp(S), tis_cap)``, ``S`` the sum of
+        ``old - behavior`` over the sequence's unmasked policy tokens. Needs tis_cap and ``old_logprobs``.
     log_ratio_clamp: the log-ratios that are exponentiated with a gradient (``lp - old``, ``lp - behavior``
         of "is", and k3's ``d = ref - lp``) are clamped to ``[-c, c]`` first, and carry no gradient where the
         clamp is active (``torch.clamp``), so that ``exp`` never overflows. 20 is verl's value. None: off.
@@ -98,6 +102,7 @@ class LossConfig:
     shaping_gamma: float = 0.1
     is_cap: Optional[float] = None
     tis_cap: Optional[float] = None
+    tis_level: str = "token"
     log_ratio_clamp: Optional[float] = 20.0
     kl_clamp: Optional[float] = 10.0
     agg: str = "token-mean"
@@ -143,6 +148,10 @@ class LossConfig:
         for name in ("is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp"):
             if getattr(self, name) is not None and not getattr(self, name) > 0.0:
                 raise bad(name, "expected None or a value > 0")
+        if self.tis_level not in TIS_LEVELS:
+            raise bad("tis_level", f"expected one of {TIS_LEVELS}")
+        if self.tis_level == "sequence" and self.tis_cap is None:
+            raise bad("tis_level", "it sets the level of tis_cap's weight; set tis_cap too")
         if self.is_cap is not None and self.expert_mode != "is":
             raise bad("is_cap", f"it caps the ratio of expert_mode='is'; expert_mode is {self.expert_mode!r}")
         if self.agg not in AGGREGATIONS:

@@ -182,8 +182,25 @@ def prepare_token_inputs(
         why = "expert_mode='is'" if config.expert_mode == "is" else f"tis_cap={config.tis_cap}"
         raise ValueError(f"behavior_logprobs [N]=[{n}] is required with {why}")
 
+    if config.tis_level == "sequence":
+        beh = _sequence_level_behavior(old, beh, mask, is_expert, seq_index, num_seqs)
+
     agg_weight = mask * _aggregation_scale(mask, seq_index, lengths, num_seqs, normalizer, config, check_values)
     return TokenInputs(adv, agg_weight, mask, is_expert, old, ref, beh, cu[:-1][seq_index])
+
+
+def _sequence_level_behavior(old: Optional[torch.Tensor], beh: torch.Tensor, mask: torch.Tensor,
+                             is_expert: torch.Tensor, seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Behaviour log-probs under which the per-token TIS weight ``min(exp(old - beh), cap)`` of every backend is the
+    sequence's (LossConfig.tis_level="sequence"): a policy token's becomes ``old - S``, ``S`` the sum of ``old - beh``
+    over its sequence's unmasked policy tokens; expert tokens keep theirs ("is" reads them)."""
+    if old is None:
+        raise ValueError("tis_level='sequence' needs old_logprobs [N]: the weight sums old - behavior over each "
+                         "sequence (pass the trainer's log-probs of the sampled tokens, or use tis_level='token')")
+    counted = (mask != 0) & ~is_expert
+    log_ratio = torch.where(counted, old - beh, 0.0)  # masked tokens may hold NaN or inf: selected, not multiplied
+    sums = log_ratio.new_zeros(num_seqs).index_add_(0, seq_index, log_ratio)
+    return torch.where(is_expert, beh, old - sums[seq_index])
 
 
 def _advantages_per_token(
