@@ -11,10 +11,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
+// Generated from ekipl_kernels/loss_scalars.py by op_builder into the build folder (-I): the slots of `scalars`.
+#include "loss_scalars.h"
 #include "softmax_row.h"
 #include "token_loss.h"
 
@@ -80,6 +84,58 @@ const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+std::string loss_scalar_order() {
+  std::string order;
+  for (int64_t i = 0; i < kLossScalarCount; ++i) order += (i > 0 ? ", " : "") + std::string(kLossScalarNames[i]);
+  return order;
+}
+
+// A switch of the scalars (kl_kind, expert_mode, policy_loss): a whole number in [low, high].
+int64_t scalar_switch(const char* op, c10::ArrayRef<double> scalars, int64_t slot, int64_t low, int64_t high,
+                      const char* meaning) {
+  const double value = scalars[slot];
+  TORCH_CHECK(value == std::floor(value) && value >= low && value <= high, "ekipl::", op, ": ",
+              kLossScalarNames[slot], " (scalars[", slot, "]) must be ", meaning, "; got ", value);
+  return static_cast<int64_t>(value);
+}
+
+// A row added to the table of ekipl_kernels/loss_scalars.py fails the build here until the op reads it; a row
+// renamed or removed fails it where its constant is used.
+static_assert(kLossScalarCount == 18,
+              "the loss_scalars table changed: decode the new scalar in loss_params (or the op), then update this count");
+
+// The ops' `scalars` argument, checked (count, finiteness, switches) and decoded; temperature is read by the ops.
+LossParams loss_params(const char* op, c10::ArrayRef<double> scalars) {
+  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == kLossScalarCount, "ekipl::", op, ": scalars must hold the ",
+              kLossScalarCount, " loss scalars in the order ", loss_scalar_order(),
+              " (ekipl_kernels.loss_scalars.loss_scalars(config) builds them); got ", scalars.size(), " values");
+  for (int64_t i = 0; i < kLossScalarCount; ++i) {
+    TORCH_CHECK(std::isfinite(scalars[i]), "ekipl::", op, ": the loss scalars must be finite; got ", scalars[i],
+                " for ", kLossScalarNames[i], " (scalars[", i, "])");
+  }
+  LossParams p;
+  p.eps_low = scalars[kEpsLow];
+  p.eps_high = scalars[kEpsHigh];
+  p.dual_clip = scalars[kDualClip];
+  p.beta = scalars[kBeta];
+  p.kl_kind = scalar_switch(op, scalars, kKlKind, 1, 3, "1, 2 or 3 (k1, k2, k3)");
+  p.entropy_coef = scalars[kEntropyCoef];
+  p.expert_mode = scalar_switch(op, scalars, kExpertMode, kRatio, kShaped, "0 (ratio), 1 (is) or 2 (shaped)");
+  p.shaping_gamma = scalars[kShapingGamma];
+  p.is_cap = scalars[kIsCap];
+  p.tis_cap = scalars[kTisCap];
+  p.log_ratio_clamp = scalars[kLogRatioClamp];
+  p.kl_clamp = scalars[kKlClamp];
+  p.policy_loss = scalar_switch(op, scalars, kPolicyLoss, kClip, kSapo, "0 (clip), 1 (cispo) or 2 (sapo)");
+  p.cispo_cap = scalars[kCispoCap];
+  p.sapo_temperature_pos = scalars[kSapoTemperaturePos];
+  p.sapo_temperature_neg = scalars[kSapoTemperatureNeg];
+  p.kl_bias_correction = scalar_switch(op, scalars, kKlBiasCorrection, 0, 1, "0 or 1") != 0;
+  TORCH_CHECK(p.policy_loss != kSapo || (p.sapo_temperature_pos > 0.0 && p.sapo_temperature_neg > 0.0), "ekipl::",
+              op, ": the SAPO temperatures must be > 0; got ", p.sapo_temperature_pos, " and ", p.sapo_temperature_neg);
+  return p;
+}
+
 // The per-token inputs of the loss ops, validated, with raw pointers for the row pass.
 struct TokenBatch {
   LossParams params;
@@ -100,18 +156,6 @@ struct TokenBatch {
     TORCH_CHECK(is_expert_.device().is_cpu() && is_expert_.dim() == 1 && is_expert_.size(0) == n, "ekipl::", op,
                 ": is_expert must be a CPU tensor of shape [", n, "]; got ", is_expert_.sizes());
     is_expert = is_expert_.to(at::kBool).contiguous();
-    TORCH_CHECK(p.kl_kind >= 1 && p.kl_kind <= 3, "ekipl::", op, ": kl_kind must be 1, 2 or 3; got ", p.kl_kind);
-    for (const double x : {p.eps_low, p.eps_high, p.dual_clip, p.beta, p.entropy_coef, p.shaping_gamma, p.is_cap,
-                           p.tis_cap, p.log_ratio_clamp, p.kl_clamp, p.cispo_cap, p.sapo_temperature_pos,
-                           p.sapo_temperature_neg}) {
-      TORCH_CHECK(std::isfinite(x), "ekipl::", op, ": the loss scalars must be finite; got ", x);
-    }
-    TORCH_CHECK(p.expert_mode >= kRatio && p.expert_mode <= kShaped, "ekipl::", op,
-                ": expert_mode must be 0 (ratio), 1 (is) or 2 (shaped); got ", p.expert_mode);
-    TORCH_CHECK(p.policy_loss >= kClip && p.policy_loss <= kSapo, "ekipl::", op,
-                ": policy_loss must be 0 (clip), 1 (cispo) or 2 (sapo); got ", p.policy_loss);
-    TORCH_CHECK(p.policy_loss != kSapo || (p.sapo_temperature_pos > 0.0 && p.sapo_temperature_neg > 0.0), "ekipl::",
-                op, ": the SAPO temperatures must be > 0");
     TORCH_CHECK(p.beta <= 0.0 || ref_lp.has_value(), "ekipl::", op, ": ref_logprobs is required when beta > 0");
     TORCH_CHECK(!(p.expert_mode == kImportance || p.tis_cap > 0.0) || beh_lp.has_value(), "ekipl::", op,
                 ": behavior_logprobs is required with expert_mode 'is' or tis_cap");
@@ -277,17 +321,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& advantages,
     const at::Tensor& agg_weight, const at::Tensor& is_expert, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
-    double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
-    double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
-    double log_ratio_clamp, double kl_clamp, int64_t policy_loss, double cispo_cap, double sapo_temperature_pos,
-    double sapo_temperature_neg, bool kl_bias_correction, bool need_entropy, bool grad_hidden, bool grad_weight,
+    c10::ArrayRef<double> scalars, bool need_entropy, bool grad_hidden, bool grad_weight,
     int64_t /*schedule: one on CPU*/, int64_t scratch_bytes, const std::optional<at::Tensor>& bias, bool grad_bias) {
   const char* op = "fused_linear_grpo_loss";
   check_float_input(op, "hidden", hidden, 2);
-  const LossParams params{eps_low,         eps_high,  dual_clip,   beta,      kl_kind,
-                          entropy_coef,    expert_mode, shaping_gamma, is_cap, tis_cap,
-                          log_ratio_clamp, kl_clamp,  policy_loss, cispo_cap, sapo_temperature_pos,
-                          sapo_temperature_neg, kl_bias_correction};
+  const LossParams params = loss_params(op, scalars);
+  const double temperature = scalars[kTemperature];
   const TokenBatch tokens(op, hidden.size(0), advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
                           behavior_logprobs, params);
   return linear_pass(op, hidden, weight, bias, targets, temperature, &tokens, need_entropy, grad_hidden, grad_weight,
@@ -308,19 +347,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss(
     const at::Tensor& logits_in, const at::Tensor& targets_in, const at::Tensor& advantages,
     const at::Tensor& agg_weight, const at::Tensor& is_expert, const std::optional<at::Tensor>& old_logprobs,
     const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& behavior_logprobs,
-    double eps_low, double eps_high, double dual_clip, double beta, int64_t kl_kind, double temperature,
-    double entropy_coef, int64_t expert_mode, double shaping_gamma, double is_cap, double tis_cap,
-    double log_ratio_clamp, double kl_clamp, int64_t policy_loss, double cispo_cap, double sapo_temperature_pos,
-    double sapo_temperature_neg, bool kl_bias_correction, bool need_entropy, bool grad_logits) {
+    c10::ArrayRef<double> scalars, bool need_entropy, bool grad_logits) {
   const char* op = "grpo_loss";
   check_float_input(op, "logits", logits_in, 2);
+  const LossParams params = loss_params(op, scalars);
+  const double temperature = scalars[kTemperature];
   TORCH_CHECK(temperature > 0.0, "ekipl::", op, ": temperature must be > 0; got ", temperature);
   const int64_t n = logits_in.size(0), vocab = logits_in.size(1);
   const at::Tensor targets = checked_targets(op, targets_in, n, vocab);
-  const LossParams params{eps_low,         eps_high,  dual_clip,   beta,      kl_kind,
-                          entropy_coef,    expert_mode, shaping_gamma, is_cap, tis_cap,
-                          log_ratio_clamp, kl_clamp,  policy_loss, cispo_cap, sapo_temperature_pos,
-                          sapo_temperature_neg, kl_bias_correction};
   const TokenBatch tokens(op, n, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
                           params);
   const at::ScalarType dtype = logits_in.scalar_type();

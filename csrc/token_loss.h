@@ -25,7 +25,8 @@ namespace ekipl {
 enum ExpertMode : int64_t { kRatio = 0, kImportance = 1, kShaped = 2 };
 enum PolicyLoss : int64_t { kClip = 0, kCispo = 1, kSapo = 2 };
 
-// The LossConfig scalars of ops.config_scalars; dual_clip, the caps and the clamps are 0 when off.
+// The loss scalars of the ops' `scalars` argument (ekipl_kernels/loss_scalars.py, whose table says what each
+// means), decoded; dual_clip, the caps and the clamps are 0 when off.
 struct LossParams {
   double eps_low;
   double eps_high;

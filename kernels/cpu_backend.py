@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
 from .backend_api import FusedResult
 from .config import LossConfig
 from .inputs import TokenInputs
+from .loss_scalars import loss_scalars
 from .op_builder import load_cpu_op
 from .options import KernelOptions
 
@@ -29,7 +29,7 @@ def linear_loss(
     grad_bias, options: KernelOptions,
 ):
     loss, logprobs, entropy, d_hidden, d_weight, d_bias = torch.ops.ekipl.fused_linear_grpo_loss(
-        hidden.detach(), weight.detach(), targets, *_token_args(tok), **ops.config_scalars(config),
+        hidden.detach(), weight.detach(), targets, *_token_args(tok), scalars=loss_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
         scratch_bytes=options.scratch_bytes("cpu_chunk_mb"), bias=None if bias is None else bias.detach(),
         grad_bias=grad_bias,
@@ -42,7 +42,7 @@ def linear_loss(
 
 def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits):
     loss, logprobs, entropy, d_logits = torch.ops.ekipl.grpo_loss(
-        logits.detach(), targets, *_token_args(tok), **ops.config_scalars(config), need_entropy=need_entropy,
+        logits.detach(), targets, *_token_args(tok), scalars=loss_scalars(config), need_entropy=need_entropy,
         grad_logits=grad_logits,
     )
     return FusedResult(loss, logprobs, entropy if need_entropy else None, d_logits if grad_logits else None, None)

@@ -4,10 +4,9 @@ One schema per op, defined here once; the C++ library registers its CPU implemen
 (``TORCH_LIBRARY_IMPL(ekipl, CPU, m)``) and the Triton backend its CUDA one, so that a call dispatches by
 device and ``torch.compile`` sees an opaque op with a known output shape (the fake implementations).
 
-The loss ops take the per-token vectors of :class:`~ekipl_kernels.inputs.TokenInputs` and the config as
-scalars (:func:`config_scalars`): ``dual_clip``, ``is_cap``, ``tis_cap``, ``log_ratio_clamp`` and
-``kl_clamp`` are 0 when off, ``kl_kind`` is 1/2/3 for k1/k2/k3, ``expert_mode`` is 0 ratio, 1 is,
-2 shaped, ``policy_loss`` 0 clip, 1 cispo, 2 sapo. The linear ops take the LM head's ``bias [V]`` (None: none) last, the loss op its gradient
+The loss ops take the per-token vectors of :class:`~ekipl_kernels.inputs.TokenInputs` and the config as one
+vector ``scalars``, :func:`ekipl_kernels.loss_scalars.loss_scalars` (its table says what each entry means and
+in which order). The linear ops take the LM head's ``bias [V]`` (None: none) last, the loss op its gradient
 ``grad_bias`` (column sums of the logit gradient). Outputs that were not asked for are empty.
 
 How to compute, as decided by the caller (``KernelOptions``): ``schedule`` of the loss (an index into
@@ -20,16 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import EXPERT_MODES, POLICY_LOSSES, LossConfig
-
 SCHEDULES = ("rows", "vocab")
 
 _TOKEN_ARGS = (
     "Tensor advantages, Tensor agg_weight, Tensor is_expert, Tensor? old_logprobs, Tensor? ref_logprobs, "
-    "Tensor? behavior_logprobs, float eps_low, float eps_high, float dual_clip, float beta, int kl_kind, "
-    "float temperature, float entropy_coef, int expert_mode, float shaping_gamma, float is_cap, float tis_cap, "
-    "float log_ratio_clamp, float kl_clamp, int policy_loss, float cispo_cap, float sapo_temperature_pos, "
-    "float sapo_temperature_neg, bool kl_bias_correction, bool need_entropy"
+    "Tensor? behavior_logprobs, float[] scalars, bool need_entropy"
 )
 
 LIB = torch.library.Library("ekipl", "DEF")
@@ -48,40 +42,13 @@ LIB.define(
 )
 
 
-def config_scalars(config: LossConfig) -> dict:
-    """The loss config as the ops' scalar arguments."""
-    return dict(
-        eps_low=config.eps_low,
-        eps_high=config.eps_high,
-        dual_clip=config.dual_clip or 0.0,
-        beta=config.beta,
-        kl_kind=int(config.kl[1]),
-        temperature=config.temperature,
-        entropy_coef=config.entropy_coef,
-        expert_mode=EXPERT_MODES.index(config.expert_mode),
-        shaping_gamma=config.shaping_gamma,
-        is_cap=config.is_cap or 0.0,
-        tis_cap=config.tis_cap or 0.0,
-        log_ratio_clamp=config.log_ratio_clamp or 0.0,
-        kl_clamp=config.kl_clamp or 0.0,
-        policy_loss=POLICY_LOSSES.index(config.policy_loss),
-        cispo_cap=config.cispo_cap,
-        sapo_temperature_pos=config.sapo_temperature_pos,
-        sapo_temperature_neg=config.sapo_temperature_neg,
-        kl_bias_correction=config.kl_bias_correction,
-    )
-
-
 def _vector(like: torch.Tensor, n: int, wanted: bool) -> torch.Tensor:
     return like.new_empty(n if wanted else 0, dtype=torch.float32)
 
 
 @torch.library.register_fake("ekipl::fused_linear_grpo_loss")
 def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
-      eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap,
-      tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
-      kl_bias_correction, need_entropy, grad_hidden, grad_weight, schedule=0, scratch_bytes=0,
-      bias=None, grad_bias=False):
+      scalars, need_entropy, grad_hidden, grad_weight, schedule=0, scratch_bytes=0, bias=None, grad_bias=False):
     n = hidden.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -94,9 +61,7 @@ def _(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, 
 
 
 @torch.library.register_fake("ekipl::grpo_loss")
-def _(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-      eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-      log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction,
+def _(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, scalars,
       need_entropy, grad_logits):
     n = logits.shape[0]
     return (

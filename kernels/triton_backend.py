@@ -30,6 +30,7 @@ from .backend_api import FusedResult
 from .backends import BackendUnavailable
 from .config import LossConfig
 from .inputs import TokenInputs
+from .loss_scalars import loss_scalars
 from .options import LOGPROBS_PATHS, KernelOptions
 
 try:
@@ -137,7 +138,7 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
         options.memory_budget_bytes,
     )
     loss, lp, ent, d_hidden, d_weight, d_bias = _for(hidden, "fused_linear_grpo_loss")(
-        hidden.detach(), weight.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config),
+        hidden.detach(), weight.detach(), targets, *_token_vectors(tok), scalars=loss_scalars(config),
         need_entropy=need_entropy, grad_hidden=grad_hidden, grad_weight=grad_weight,
         schedule=ops.SCHEDULES.index(schedule), scratch_bytes=scratch, bias=None if bias is None else bias.detach(),
         grad_bias=grad_bias,
@@ -148,7 +149,7 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
 
 def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits) -> FusedResult:
     loss, lp, ent, d_logits = _for(logits, "grpo_loss")(
-        logits.detach(), targets, *_token_vectors(tok), **ops.config_scalars(config), need_entropy=need_entropy,
+        logits.detach(), targets, *_token_vectors(tok), scalars=loss_scalars(config), need_entropy=need_entropy,
         grad_logits=grad_logits,
     )
     return FusedResult(loss, lp, ent if need_entropy else None, d_logits if grad_logits else None, None)

@@ -22,9 +22,10 @@ import random
 import pytest
 import torch
 
-from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss, ops
+from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
 from ekipl_kernels import reference
 from ekipl_kernels.inputs import prepare_token_inputs
+from ekipl_kernels.loss_scalars import loss_scalars
 
 triton = pytest.importorskip("triton")
 triton_backend = pytest.importorskip("ekipl_kernels.triton_backend")
@@ -118,9 +119,8 @@ def check_race_stress(rows: int, v: int, repeats: int) -> None:
         [0, rows], device=DEVICE), old_logprobs=-torch.rand(rows, generator=gen, device=DEVICE) * 8,
         ref_logprobs=-torch.rand(rows, generator=gen, device=DEVICE) * 8, advantage_level="token")
     tok = prepare_token_inputs(rows, DEVICE, config=CONFIG, **keywords)
-    scalars = ops.config_scalars(CONFIG)
     args = package.token_loss.token_args(tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs,
-                                         tok.ref_logprobs, None, *(scalars[k] for k in package.token_loss.SCALARS))
+                                         tok.ref_logprobs, None, loss_scalars(CONFIG))
     buffer, in_place = package.linear_loss._scratch(rows, v, DTYPE, DEVICE)
     inv_tau = 1 / CONFIG.temperature
     with launching:

@@ -25,8 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, ops
+from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 from ekipl_kernels.inputs import prepare_token_inputs
+from ekipl_kernels.loss_scalars import loss_scalars
 
 triton = pytest.importorskip("triton")
 triton_backend = pytest.importorskip("ekipl_kernels.triton_backend")
@@ -59,10 +60,9 @@ def problem(n=48, h=32, v=1001, dtype=torch.float32, seed=0):
 def token_args(hidden, config, keywords):
     """The kernels' token arguments for ``keywords`` (as the op entry points build them)."""
     tok = prepare_token_inputs(hidden.shape[0], hidden.device, config=config, **keywords)
-    scalars = ops.config_scalars(config)
     return interpreted.token_loss.token_args(
         tok.advantages, tok.agg_weight, tok.is_expert, tok.old_logprobs, tok.ref_logprobs, tok.behavior_logprobs,
-        *(scalars[name] for name in interpreted.token_loss.SCALARS))
+        loss_scalars(config))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def token_args(hidden, config, keywords):
 
 
 _INT_ARGS = {"stride_logits": "i64", "stride_grad": "i64", "N": "i32", "V": "i32", "n_cols": "i32",
-             "col_offset": "i32", "has_old": "i32", "kl_kind": "i32", "expert_mode": "i32"}
+             "col_offset": "i32", "has_old": "i32"}
 
 
 def hopper_ptx(kernel, constexprs: dict) -> str:

@@ -38,15 +38,10 @@ def _inv_tau(temperature: float) -> float:
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs,
-                           behavior_logprobs, eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef,
-                           expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss,
-                           cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction, need_entropy,
-                           grad_hidden, grad_weight, schedule=0, scratch_bytes=0, bias=None, grad_bias=False):
+                           behavior_logprobs, scalars, need_entropy, grad_hidden, grad_weight, schedule=0,
+                           scratch_bytes=0, bias=None, grad_bias=False):
     _check_dtype("fused_linear_grpo_loss", hidden)
-    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                     log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
-                     kl_bias_correction)
+    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, scalars)
     n = hidden.shape[0]
     grad_bias = grad_bias and bias is not None
     if n == 0:
@@ -56,25 +51,21 @@ def fused_linear_grpo_loss(hidden, weight, targets, advantages, agg_weight, is_e
                 torch.zeros_like(weight) if grad_weight else _empty(weight),
                 torch.zeros_like(bias) if grad_bias else _empty(weight))
     loss, lp, ent, d_hidden, d_weight, d_bias = fused_linear_loss(
-        hidden.detach(), weight.detach(), _bias(bias, weight), targets.contiguous(), tok, _inv_tau(temperature),
-        grad_hidden, grad_weight, grad_bias, _choice("schedule", SCHEDULES, schedule), _scratch(scratch_bytes),
+        hidden.detach(), weight.detach(), _bias(bias, weight), targets.contiguous(), tok,
+        _inv_tau(tok.scalar("temperature")), grad_hidden, grad_weight, grad_bias,
+        _choice("schedule", SCHEDULES, schedule), _scratch(scratch_bytes),
     )
     return (loss, lp, ent if need_entropy else _empty(lp), _empty(hidden) if d_hidden is None else d_hidden,
             _empty(weight) if d_weight is None else d_weight, _empty(weight) if d_bias is None else d_bias)
 
 
 def grpo_loss(logits, targets, advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
-              eps_low, eps_high, dual_clip, beta, kl_kind, temperature, entropy_coef, expert_mode, shaping_gamma,
-              is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos,
-              sapo_temperature_neg, kl_bias_correction, need_entropy, grad_logits):
+              scalars, need_entropy, grad_logits):
     _check_dtype("grpo_loss", logits)
-    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, eps_low,
-                     eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                     log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
-                     kl_bias_correction)
+    tok = token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, scalars)
     logits = logits.detach()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_logits else None
-    out = logits_loss(logits, targets.contiguous(), tok, _inv_tau(temperature), grad=grad)
+    out = logits_loss(logits, targets.contiguous(), tok, _inv_tau(tok.scalar("temperature")), grad=grad)
     return (out["loss"].sum(), out["logprobs"], out["entropy"] if need_entropy else _empty(out["logprobs"]),
             _empty(logits) if grad is None else grad)
 

@@ -23,9 +23,7 @@ from .token_loss import TOKEN_INT_ARGS, VARLEN_ARGS, TokenArgs, load_token_loss
 def _logits_loss_kernel(
     logits_ptr, stride_logits, grad_ptr, stride_grad, targets_ptr, lp_out, ent_out, loss_out, scale_ptr,
     N, V, inv_tau,
-    adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap,
-    sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction,
+    adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, scalars_ptr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     SYNC_TILES: tl.constexpr,
 ):
@@ -50,16 +48,13 @@ def _logits_loss_kernel(
     tl.store(lp_out + rows, lp, mask=row_ok)
     tl.store(ent_out + rows, ent, mask=row_ok)
     if WITH_LOSS:
-        w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
-                                            beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-                                            entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                                            log_ratio_clamp, kl_clamp, policy_loss,
-                                            cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction)
+        w_loss, w_d_lp, w_d_ent = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
+                                                  beh_ptr, has_old, scalars_ptr)
         tl.store(loss_out + rows, w_loss, mask=row_ok)
         if WRITE_GRAD:
             coef = inv_tau / tl.load(scale_ptr)
             store_row_grads(logits_ptr, stride_logits, grad_ptr, stride_grad, rows, row_ok, V, 0, target, lse, ent,
-                            coef * w_d_lp, -coef * w * entropy_coef, inv_tau, BLOCK_V, SYNC_TILES)
+                            coef * w_d_lp, coef * w_d_ent, inv_tau, BLOCK_V, SYNC_TILES)
 
 
 def logits_loss(logits: torch.Tensor, targets: torch.Tensor, tok: Optional[TokenArgs], inv_tau: float,

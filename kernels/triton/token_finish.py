@@ -17,9 +17,7 @@ from .token_loss import TOKEN_INT_ARGS, VARLEN_ARGS, TokenArgs, load_token_loss
 @triton.jit(do_not_specialize=TOKEN_INT_ARGS + VARLEN_ARGS + ["splits"])
 def _token_finish_kernel(
     part_ptr, splits, N, lp_out, ent_out, lse_out, loss_out, coef_lp_out, coef_ent_out, scale_ptr, inv_tau,
-    adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-    entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp, kl_clamp, policy_loss, cispo_cap,
-    sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction,
+    adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, scalars_ptr,
     BLOCK: tl.constexpr, WITH_LOSS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -42,16 +40,13 @@ def _token_finish_kernel(
     tl.store(ent_out + rows, ent, mask=row_ok)
     tl.store(lse_out + rows, lse, mask=row_ok)
     if WITH_LOSS:
-        w, w_loss, w_d_lp = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
-                                            beh_ptr, has_old, eps_low, eps_high, dual_clip, beta, kl_kind,
-                                            entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap, log_ratio_clamp,
-                                            kl_clamp, policy_loss,
-                                            cispo_cap, sapo_temperature_pos, sapo_temperature_neg, kl_bias_correction)
+        w_loss, w_d_lp, w_d_ent = load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr,
+                                                  beh_ptr, has_old, scalars_ptr)
         tl.store(loss_out + rows, w_loss, mask=row_ok)
         # The backward GEMMs see the gradient divided by scale (the largest |w|): fp16 keeps it.
         coef = inv_tau / tl.load(scale_ptr)
         tl.store(coef_lp_out + rows, coef * w_d_lp, mask=row_ok)
-        tl.store(coef_ent_out + rows, -coef * w * entropy_coef, mask=row_ok)
+        tl.store(coef_ent_out + rows, coef * w_d_ent, mask=row_ok)
 
 
 def token_finish(partials: torch.Tensor, inv_tau: float, tok: Optional[TokenArgs] = None,

@@ -2,34 +2,71 @@
 
 ``token_loss`` mirrors :func:`ekipl_kernels.reference.token_losses` term by term (same clip, dual clip,
 TIS and expert-mode rules), returning ``l_t`` and ``dl_t/dlp_t``; ``dl_t/dH_t`` is ``-entropy_coef``.
-Switches are run-time scalars rather than constexprs, so one compiled kernel serves every config.
+
+The loss scalars reach the kernels as one argument, ``scalars_ptr``: an fp32 device vector in the order of
+:data:`ekipl_kernels.loss_scalars.LOSS_SCALARS`, read at the slot constants below. They are run-time values, not
+constexprs, so one compiled kernel serves every config; the vector of a config is built once per device
+(:func:`scalars_on`), so a training step copies nothing to the device for them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from functools import lru_cache
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-# Integer switches that Triton must not specialise on (a value of 1 would compile another variant).
-TOKEN_INT_ARGS = ["has_old", "kl_kind", "expert_mode", "policy_loss", "kl_bias_correction"]
+from ..config import EXPERT_MODES, KL_ESTIMATORS, POLICY_LOSSES
+from ..loss_scalars import LOSS_SCALARS, slot
+
+# An integer switch that Triton must not specialise on (a value of 1 would compile another variant).
+TOKEN_INT_ARGS = ["has_old"]
 # Counts that change with every varlen batch (N, and the vocabulary splits of the fused forward, which
 # follow N): specialising on them (N % 16, N == 1) would compile new variants as batches come, and no
 # kernel here gains from their divisibility.
 VARLEN_ARGS = ["N"]
-# The loss scalars in the order of the ``ekipl::`` ops and of ``token_loss`` (0 turns a cap or clamp off).
-SCALARS = ("eps_low", "eps_high", "dual_clip", "beta", "kl_kind", "entropy_coef", "expert_mode", "shaping_gamma",
-           "is_cap", "tis_cap", "log_ratio_clamp", "kl_clamp", "policy_loss", "cispo_cap", "sapo_temperature_pos",
-           "sapo_temperature_neg", "kl_bias_correction")
+
+# The slot of each loss scalar in ``scalars_ptr``, named after the scalar upper-cased; constexprs, so that a
+# load's offset is compiled in. ``load_token_loss`` reads each of them (checked at the end of this module).
+EPS_LOW = tl.constexpr(slot("eps_low"))
+EPS_HIGH = tl.constexpr(slot("eps_high"))
+DUAL_CLIP = tl.constexpr(slot("dual_clip"))
+BETA = tl.constexpr(slot("beta"))
+KL_KIND = tl.constexpr(slot("kl_kind"))
+ENTROPY_COEF = tl.constexpr(slot("entropy_coef"))
+EXPERT_MODE = tl.constexpr(slot("expert_mode"))
+SHAPING_GAMMA = tl.constexpr(slot("shaping_gamma"))
+IS_CAP = tl.constexpr(slot("is_cap"))
+TIS_CAP = tl.constexpr(slot("tis_cap"))
+LOG_RATIO_CLAMP = tl.constexpr(slot("log_ratio_clamp"))
+KL_CLAMP = tl.constexpr(slot("kl_clamp"))
+POLICY_LOSS = tl.constexpr(slot("policy_loss"))
+CISPO_CAP = tl.constexpr(slot("cispo_cap"))
+SAPO_TEMPERATURE_POS = tl.constexpr(slot("sapo_temperature_pos"))
+SAPO_TEMPERATURE_NEG = tl.constexpr(slot("sapo_temperature_neg"))
+KL_BIAS_CORRECTION = tl.constexpr(slot("kl_bias_correction"))
+# Read on the host instead: every kernel takes 1 / temperature as its own argument ``inv_tau``, since the
+# log-prob kernels, which have no loss scalars, need it too.
+HOST_SCALARS = ("temperature",)
+
+_IMPORTANCE = EXPERT_MODES.index("is")
+
+
+@lru_cache(maxsize=64)
+def scalars_on(scalars: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The loss scalars as the kernels read them: an fp32 vector on ``device``, made once per config and device
+    (never written: every caller shares it)."""
+    return torch.tensor(scalars, dtype=torch.float32, device=device)
 
 
 @dataclass
 class TokenArgs:
-    """Per-token vectors ``[N]`` and the loss scalars, as the kernels take them (see ``ops.config_scalars``)."""
+    """Per-token vectors ``[N]`` and the loss scalars (:func:`ekipl_kernels.loss_scalars.loss_scalars`), as the
+    kernels take them."""
 
     advantages: torch.Tensor
     agg_weight: torch.Tensor
@@ -37,23 +74,7 @@ class TokenArgs:
     old_logprobs: Optional[torch.Tensor]
     ref_logprobs: Optional[torch.Tensor]
     behavior_logprobs: Optional[torch.Tensor]
-    eps_low: float
-    eps_high: float
-    dual_clip: float
-    beta: float
-    kl_kind: int
-    entropy_coef: float
-    expert_mode: int
-    shaping_gamma: float
-    is_cap: float
-    tis_cap: float
-    log_ratio_clamp: float
-    kl_clamp: float
-    policy_loss: int
-    cispo_cap: float
-    sapo_temperature_pos: float
-    sapo_temperature_neg: float
-    kl_bias_correction: int
+    scalars: tuple[float, ...]
 
     def __post_init__(self) -> None:
         n = self.advantages.shape[0]
@@ -61,16 +82,26 @@ class TokenArgs:
             vec = getattr(self, name)
             if vec is not None and vec.shape != (n,):
                 raise ValueError(f"{name} must have shape [{n}] like advantages; got {tuple(vec.shape)}")
-        if self.beta > 0 and self.ref_logprobs is None:
-            raise ValueError(f"ref_logprobs is required when beta > 0 (beta={self.beta})")
-        if (self.expert_mode == 1 or self.tis_cap > 0) and self.behavior_logprobs is None:
-            raise ValueError("behavior_logprobs is required with expert_mode=1 ('is') or tis_cap > 0")
-        if self.kl_kind not in (1, 2, 3) or self.expert_mode not in (0, 1, 2) or self.policy_loss not in (0, 1, 2):
-            raise ValueError(f"kl_kind must be 1/2/3, expert_mode and policy_loss 0/1/2; got {self.kl_kind}, "
-                             f"{self.expert_mode}, {self.policy_loss}")
-        bad = [f"{name}={getattr(self, name)}" for name in SCALARS if not math.isfinite(getattr(self, name))]
+        if len(self.scalars) != len(LOSS_SCALARS):
+            raise ValueError(f"scalars must hold the {len(LOSS_SCALARS)} loss scalars in the order "
+                             f"{', '.join(LOSS_SCALARS)} (loss_scalars(config) builds them); got {len(self.scalars)}")
+        bad = [f"{name}={value}" for name, value in zip(LOSS_SCALARS, self.scalars) if not math.isfinite(value)]
         if bad:
             raise ValueError(f"the loss scalars must be finite; got {', '.join(bad)}")
+        for name, choices in (("kl_kind", KL_ESTIMATORS), ("expert_mode", EXPERT_MODES), ("policy_loss", POLICY_LOSSES)):
+            first = 1 if name == "kl_kind" else 0
+            codes = range(first, first + len(choices))
+            if self.scalar(name) not in codes:
+                raise ValueError(f"the scalar {name} must be one of {list(codes)} (for {', '.join(choices)}); "
+                                 f"got {self.scalar(name)}")
+        if self.scalar("beta") > 0 and self.ref_logprobs is None:
+            raise ValueError(f"ref_logprobs is required when beta > 0 (beta={self.scalar('beta')})")
+        if (self.scalar("expert_mode") == _IMPORTANCE or self.scalar("tis_cap") > 0) and self.behavior_logprobs is None:
+            raise ValueError("behavior_logprobs is required with expert_mode 'is' or tis_cap > 0")
+
+    def scalar(self, name: str) -> float:
+        """The value of the loss scalar ``name``."""
+        return self.scalars[slot(name)]
 
     def rows(self, start: int, stop: int) -> "TokenArgs":
         """The same arguments for tokens ``start:stop`` (views, no copies)."""
@@ -83,26 +114,22 @@ class TokenArgs:
         return (
             self.advantages, self.agg_weight, self.is_expert.view(torch.uint8), vec(self.old_logprobs),
             vec(self.ref_logprobs), vec(self.behavior_logprobs), int(self.old_logprobs is not None),
-            *(_scalar(name, getattr(self, name)) for name in SCALARS),
+            scalars_on(self.scalars, self.advantages.device),
         )
 
     @staticmethod
     def unused_kernel_args(dummy: torch.Tensor) -> tuple:
         """Placeholders for :meth:`kernel_args` in a launch that reads none of them."""
-        return (dummy,) * 6 + (0,) + tuple(_scalar(name, 0) for name in SCALARS)
+        return (dummy,) * 6 + (0, dummy)
 
 
-def _scalar(name: str, value) -> object:
-    return int(value) if name in TOKEN_INT_ARGS else float(value)
-
-
-def token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs, *scalars) -> TokenArgs:
-    """:class:`TokenArgs` from the ``ekipl::`` op arguments (the scalars in :data:`SCALARS` order): fp32
-    contiguous vectors, bool flags."""
+def token_args(advantages, agg_weight, is_expert, old_logprobs, ref_logprobs, behavior_logprobs,
+               scalars: Sequence[float]) -> TokenArgs:
+    """:class:`TokenArgs` from the ``ekipl::`` op arguments: fp32 contiguous vectors, bool flags."""
     vec = lambda v: None if v is None else v.detach().float().contiguous()  # noqa: E731
     return TokenArgs(
         vec(advantages), vec(agg_weight), is_expert.detach().bool().contiguous(), vec(old_logprobs), vec(ref_logprobs),
-        vec(behavior_logprobs), *scalars,
+        vec(behavior_logprobs), tuple(float(value) for value in scalars),
     )
 
 
@@ -168,12 +195,36 @@ def token_loss(lp, ent, adv, is_expert, old, ref, beh, has_old, eps_low, eps_hig
 
 
 @triton.jit
-def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old, eps_low,
-                    eps_high, dual_clip, beta, kl_kind, entropy_coef, expert_mode, shaping_gamma, is_cap, tis_cap,
-                    log_ratio_clamp, kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
-                    kl_bias_correction):
-    """Loads the token inputs of ``rows``; returns ``(w_t, w_t l_t, w_t dl_t/dlp_t)``, both products exactly 0
-    where ``w_t = 0`` (a masked token's inputs and log-prob may be NaN or inf: 0 * NaN would be NaN)."""
+def _load_scalar(scalars_ptr, slot_index: tl.constexpr):
+    """One loss scalar as a one-element block, which broadcasts against the rows' blocks. A true scalar would do
+    on the GPU, but Triton's interpreter (3.7) mistypes a comparison of scalars as fp32, and ``block & (scalar >
+    0)`` then fails there."""
+    return tl.load(scalars_ptr + slot_index + tl.arange(0, 1))
+
+
+@triton.jit
+def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, ref_ptr, beh_ptr, has_old,
+                    scalars_ptr):
+    """Loads the token inputs of ``rows`` and the loss scalars; returns ``(w_t l_t, w_t dl_t/dlp_t, w_t dl_t/dH_t)``
+    for the aggregation weights ``w_t``, the first two exactly 0 where ``w_t = 0`` (a masked token's inputs and
+    log-prob may be NaN or inf: 0 * NaN would be NaN)."""
+    eps_low = _load_scalar(scalars_ptr, EPS_LOW)
+    eps_high = _load_scalar(scalars_ptr, EPS_HIGH)
+    dual_clip = _load_scalar(scalars_ptr, DUAL_CLIP)
+    beta = _load_scalar(scalars_ptr, BETA)
+    kl_kind = _load_scalar(scalars_ptr, KL_KIND)
+    entropy_coef = _load_scalar(scalars_ptr, ENTROPY_COEF)
+    expert_mode = _load_scalar(scalars_ptr, EXPERT_MODE)
+    shaping_gamma = _load_scalar(scalars_ptr, SHAPING_GAMMA)
+    is_cap = _load_scalar(scalars_ptr, IS_CAP)
+    tis_cap = _load_scalar(scalars_ptr, TIS_CAP)
+    log_ratio_clamp = _load_scalar(scalars_ptr, LOG_RATIO_CLAMP)
+    kl_clamp = _load_scalar(scalars_ptr, KL_CLAMP)
+    policy_loss = _load_scalar(scalars_ptr, POLICY_LOSS)
+    cispo_cap = _load_scalar(scalars_ptr, CISPO_CAP)
+    sapo_temperature_pos = _load_scalar(scalars_ptr, SAPO_TEMPERATURE_POS)
+    sapo_temperature_neg = _load_scalar(scalars_ptr, SAPO_TEMPERATURE_NEG)
+    kl_bias_correction = _load_scalar(scalars_ptr, KL_BIAS_CORRECTION)
     adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     is_expert = tl.load(expert_ptr + rows, mask=row_ok, other=0) != 0
@@ -185,4 +236,30 @@ def load_token_loss(rows, row_ok, lp, ent, adv_ptr, w_ptr, expert_ptr, old_ptr, 
                             kl_clamp, policy_loss, cispo_cap, sapo_temperature_pos, sapo_temperature_neg,
                             kl_bias_correction)
     active = w != 0
-    return w, tl.where(active, w * loss, 0.0), tl.where(active, w * d_lp, 0.0)
+    return tl.where(active, w * loss, 0.0), tl.where(active, w * d_lp, 0.0), -w * entropy_coef
+
+
+def _check_every_scalar_is_read() -> None:
+    """A loss scalar added to the table must be read by the kernels (or listed in HOST_SCALARS) before they run."""
+    read = {name for name in LOSS_SCALARS if name.upper() in load_token_loss.fn.__code__.co_names}
+    problems = []
+    unhandled = [name for name in LOSS_SCALARS if name not in read and name not in HOST_SCALARS]
+    if unhandled:
+        problems.append(f"{unhandled} are in the table but load_token_loss reads no slot constant of theirs (define "
+                        "NAME = tl.constexpr(slot('name')), the name upper-cased, and read it in load_token_loss)")
+    unknown = [name for name in HOST_SCALARS if name not in LOSS_SCALARS]
+    if unknown:
+        problems.append(f"HOST_SCALARS {unknown} are not in the table (remove them)")
+    twice = sorted(read & set(HOST_SCALARS))
+    if twice:
+        problems.append(f"{twice} are read both on the host (HOST_SCALARS) and by load_token_loss (keep one)")
+    misplaced = sorted(name for name in read if globals()[name.upper()].value != slot(name))
+    if misplaced:
+        problems.append(f"the slot constants of {misplaced} differ from their slots in the table (define them as "
+                        "tl.constexpr(slot(name)))")
+    if problems:
+        raise ImportError("kernels/triton/token_loss.py and the table of ekipl_kernels.loss_scalars disagree: "
+                          + "; ".join(problems))
+
+
+_check_every_scalar_is_read()
