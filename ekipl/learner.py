@@ -15,7 +15,7 @@ import math
 import time
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,7 +27,7 @@ from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fus
 
 from . import checkpoint
 from .models import last_hidden_states
-from .packing import MicroBatch, TrainSequence, make_micro_batch, make_placeholder_micro_batch
+from .packing import MicroBatch, PackedBatch, TrainSequence, make_placeholder_micro_batch, pack_sequences
 
 
 @dataclass(frozen=True)
@@ -269,8 +269,9 @@ class Learner:
     # most, padding with placeholder micro-batches whose loss and gradients are exactly zero. A short rank
     # would otherwise wait at the next collective anyway, so the padding costs no wall time.
 
-    def _mini_batches(self, seqs: Sequence[TrainSequence], counts: Sequence[int]):
-        """This rank's mini-batches (some maybe empty) and the micro-batch count every rank runs in each."""
+    def _mini_batches(self, num_seqs: int, counts: Sequence[int]) -> tuple[list[slice], list[int]]:
+        """This rank's mini-batches as ranges of its ``num_seqs`` sequences (some maybe empty), and the micro-batch
+        count every rank runs in each."""
         def sizes(n: int) -> list[int]:
             size = self.optim_cfg.mini_batch_size or n
             return [min(size, n - start) for start in range(0, n, size)] if n else []
@@ -279,11 +280,9 @@ class Learner:
         num_mini = max(len(s) for s in per_rank)
         micro = self.optim_cfg.micro_batch_size
         micro_counts = [max(math.ceil(s[j] / micro) if j < len(s) else 0 for s in per_rank) for j in range(num_mini)]
-        bounds = [0]
-        for size in sizes(len(seqs)):
-            bounds.append(bounds[-1] + size)
-        mine = [seqs[a:b] for a, b in zip(bounds, bounds[1:])]
-        return mine + [[]] * (num_mini - len(mine)), micro_counts
+        bounds = [0, *itertools.accumulate(sizes(num_seqs))]
+        mine = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        return mine + [slice(num_seqs, num_seqs)] * (num_mini - len(mine)), micro_counts
 
     def _template(self, seqs: Sequence[TrainSequence], counts: Sequence[int]) -> Optional[TrainSequence]:
         """What this rank's placeholders copy. A rank without sequences borrows one from the first rank with some,
@@ -294,49 +293,57 @@ class Learner:
         dist.broadcast_object_list(box, src=next(r for r, n in enumerate(counts) if n), device=self.device)
         return _placeholder_template(seqs) or box[0]
 
-    def needs_old_logprobs(self, seqs: Sequence[TrainSequence]) -> bool:
+    def needs_old_logprobs(self, batch: PackedBatch) -> bool:
         """Whether the update needs old log-probs, the same answer on every rank: not when it is one optimiser step
         (pi_old is then pi_theta, ratio 1), unless the loss reads behaviour log-probs (missing ones fall back to old)."""
-        mini_batches, _ = self._mini_batches(seqs, all_gather_int(len(seqs), self.device))
+        mini_batches, _ = self._mini_batches(batch.num_sequences, all_gather_int(batch.num_sequences, self.device))
         return self.optim_cfg.ppo_epochs > 1 or len(mini_batches) > 1 or self.loss_cfg.needs_behavior
 
     # -- log-probs -------------------------------------------------------------------------------------
+    def pack(self, seqs: Sequence[TrainSequence]) -> PackedBatch:
+        """A step's sequences as the batch that :meth:`fill_logprobs` and :meth:`update` take, on the learner's device."""
+        return pack_sequences(seqs, self.pad_id, self.device)
+
     @torch.no_grad()
-    def fill_logprobs(self, seqs: Sequence[TrainSequence], *, old: Optional[bool] = None) -> float:
-        """Teacher-forced log-probs of every completion token: old (the policy now) and/or reference.
+    def fill_logprobs(self, batch: PackedBatch, *, old: Optional[bool] = None) -> float:
+        """Teacher-forced log-probs of every completion token into ``batch``: ``old_logprobs`` (the policy now)
+        and/or ``ref_logprobs``, ``[N]`` fp32 on the learner's device.
 
         ``old``: None computes them when the update needs them (:meth:`needs_old_logprobs`); a rank asked for
         them computes them on every rank, so that all run the same passes.
         """
         start = time.perf_counter()
-        counts = all_gather_int(len(seqs), self.device)
-        old = self.needs_old_logprobs(seqs) if old is None else old
+        old = self.needs_old_logprobs(batch) if old is None else old
         old = all_reduce_sum(float(old), self.device) > 0
-        models = []
-        if old:
-            models.append(("old_logprobs", self.model))
-        if self.loss_cfg.beta > 0:
-            models.append(("ref_logprobs", self.reference))
-        if not models:
+        if not old and self.loss_cfg.beta <= 0:
             return time.perf_counter() - start
-        micro = self.optim_cfg.micro_batch_size
-        num_micro = max(math.ceil(n / micro) for n in counts)
-        template = self._template(seqs, counts)
-        for name, model in models:
-            was_training = model.training
-            model.eval()
-            with self._on_learner_device(model):
-                chunks = list(_chunks(seqs, micro))
-                for index in range(num_micro):
-                    if index >= len(chunks):
-                        self._logprobs(model, make_placeholder_micro_batch(template, self.pad_id, self.device))
-                        continue
-                    chunk = chunks[index]
-                    lp = self._logprobs(model, make_micro_batch(chunk, self.pad_id, self.device))
-                    for seq, part in zip(chunk, torch.split(lp.float().cpu(), [s.num_tokens for s in chunk])):
-                        setattr(seq, name, part)
-            model.train(was_training)
+        counts = all_gather_int(batch.num_sequences, self.device)
+        template = self._template(batch.sequences, counts)
+        num_micro = max(math.ceil(n / self.optim_cfg.micro_batch_size) for n in counts)
+        if old:
+            batch.old_logprobs = self._logprobs_pass(self.model, batch, num_micro, template)
+        if self.loss_cfg.beta > 0:
+            batch.ref_logprobs = self._logprobs_pass(self.reference, batch, num_micro, template)
         return time.perf_counter() - start
+
+    def _logprobs_pass(self, model: nn.Module, batch: PackedBatch, num_micro: int,
+                       template: Optional[TrainSequence]) -> torch.Tensor:
+        """``model``'s log-probs of ``batch``'s tokens, ``[N]`` fp32, over ``num_micro`` micro-batches (placeholders
+        past this rank's own), each written into its slice."""
+        out = torch.empty(batch.num_tokens, dtype=torch.float32, device=self.device)
+        micro = self.optim_cfg.micro_batch_size
+        starts = range(0, batch.num_sequences, micro)
+        was_training = model.training
+        model.eval()
+        with self._on_learner_device(model):
+            for index in range(num_micro):
+                if index >= len(starts):
+                    self._logprobs(model, make_placeholder_micro_batch(template, self.pad_id, self.device))
+                    continue
+                a, b = starts[index], min(starts[index] + micro, batch.num_sequences)
+                out[batch.tokens(a, b)] = self._logprobs(model, batch[a:b].micro_batch())
+        model.train(was_training)
+        return out
 
     def _logprobs(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
         hidden = completion_hidden_states(model, mb)
@@ -362,57 +369,73 @@ class Learner:
             model.to(home)
 
     # -- the update -------------------------------------------------------------------------------------
-    def update(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
+    def update(self, batch: PackedBatch) -> dict[str, float]:
         """PPO epochs x mini-batches x micro-batches; one optimiser step per mini-batch, one schedule step per call."""
-        counts = all_gather_int(len(seqs), self.device)
-        mini_batches, micro_counts = self._mini_batches(seqs, counts)
-        template = self._template(seqs, counts)
+        counts = all_gather_int(batch.num_sequences, self.device)
+        mini_batches, micro_counts = self._mini_batches(batch.num_sequences, counts)
+        template = self._template(batch.sequences, counts)
+        loss_batch = self._with_behavior_fallback(batch) if self.loss_cfg.needs_behavior else batch
         stats: dict[str, list[float]] = {}
         for _ in range(self.optim_cfg.ppo_epochs):
             for mini_batch, num_micro in zip(mini_batches, micro_counts):
-                for key, value in self._mini_batch_step(mini_batch, num_micro, template).items():
+                for key, value in self._mini_batch_step(loss_batch[mini_batch], num_micro, template).items():
                     stats.setdefault(key, []).append(value)
         metrics = {key: sum(v) / len(v) for key, v in stats.items()}
         if self.loss_cfg.needs_behavior:
-            metrics.update(self._tokens_without_behavior(seqs))
+            metrics.update(self._tokens_without_behavior(batch))
         metrics["lr"] = self.schedule.get_last_lr()[0]
         self.schedule.advance()
         return metrics
 
-    def _normalizer(self, seqs: Sequence[TrainSequence]) -> float:
+    def _with_behavior_fallback(self, batch: PackedBatch) -> PackedBatch:
+        """``batch`` with the behaviour log-probs the loss reads: the generator's where it gave them, the old policy's
+        elsewhere, so that the ratio of those tokens becomes pi/pi_old (counted and warned about by
+        :meth:`_tokens_without_behavior`)."""
+        if batch.old_logprobs is None:
+            missing = int((~batch.behavior_mask).sum())
+            if missing:
+                raise ValueError(
+                    f"{missing} tokens have no behaviour log-probs and there are no old log-probs to use instead: "
+                    "call Learner.fill_logprobs(batch) (old=None or True) before update"
+                )
+            return batch
+        return replace(batch, behavior_logprobs=torch.where(batch.behavior_mask, batch.behavior_logprobs,
+                                                            batch.old_logprobs))
+
+    def _normalizer(self, batch: PackedBatch) -> float:
         """The global count that the loss divides by, summed over micro-batches and data-parallel ranks."""
-        lengths = [s.num_tokens for s in seqs]
-        local = normalizer_count(self.loss_cfg, torch.tensor([0, *itertools.accumulate(lengths)])) if seqs else 0
+        local = normalizer_count(self.loss_cfg, torch.tensor(batch.offsets)) if batch.num_sequences else 0
         # at least 1: when every sequence is empty the loss is 0 anyway, and the loss refuses a 0 normaliser
         return max(all_reduce_sum(float(local), self.device), 1.0)
 
-    def _mini_batch_step(self, seqs: Sequence[TrainSequence], num_micro: int,
+    def _mini_batch_step(self, batch: PackedBatch, num_micro: int,
                          template: Optional[TrainSequence]) -> dict[str, float]:
-        """``seqs`` in ``num_micro`` micro-batches (placeholders past this rank's own), then one optimiser step."""
-        normalizer = self._normalizer(seqs)
+        """``batch`` (a mini-batch) in ``num_micro`` micro-batches (placeholders past this rank's own), then one
+        optimiser step."""
+        normalizer = self._normalizer(batch)
         # DeepSpeed averages gradients over ranks; the normaliser is already global, so undo the mean.
         rank_scale = float(world_size())
-        micro_batches = list(_chunks(seqs, self.optim_cfg.micro_batch_size))
+        micro = self.optim_cfg.micro_batch_size
+        starts = range(0, batch.num_sequences, micro)
         loss_sum, tokens, finite = 0.0, 0, True
         weighted: dict[str, float] = {}  # token-weighted sums of the loss statistics (counts summed as is)
         for index in range(num_micro):
             self.engine.set_gradient_accumulation_boundary(index == num_micro - 1)
-            if index >= len(micro_batches):
+            if index >= len(starts):
                 placeholder = make_placeholder_micro_batch(template, self.pad_id, self.device)
                 self.engine.backward(self._micro_batch_loss(placeholder, normalizer).loss, scale_wrt_gas=False)
                 continue
-            chunk = micro_batches[index]
-            out = self._micro_batch_loss(make_micro_batch(chunk, self.pad_id, self.device), normalizer)
+            chunk = batch[starts[index] : starts[index] + micro]
+            out = self._micro_batch_loss(chunk.micro_batch(), normalizer)
             # A non-finite loss still goes backward (a collective under ZeRO-3); the step then drops its gradients.
             self.engine.backward(out.loss * rank_scale, scale_wrt_gas=False)
             if not torch.isfinite(out.loss):
                 finite = False
                 continue
-            chunk_tokens = sum(s.num_tokens for s in chunk)
             loss_sum += float(out.loss.detach())
-            tokens += chunk_tokens
+            tokens += chunk.num_tokens
             for key, value in out.stats.items():
-                weighted[key] = weighted.get(key, 0.0) + value * (1 if key.startswith("tokens_") else chunk_tokens)
+                weighted[key] = weighted.get(key, 0.0) + value * (1 if key.startswith("tokens_") else chunk.num_tokens)
         finite = all_reduce_sum(0.0 if finite else 1.0, self.device) == 0.0
         if not finite:
             self._skip_step()
@@ -435,28 +458,13 @@ class Learner:
         return metrics
 
     def _micro_batch_loss(self, mb: MicroBatch, normalizer: float):
-        old = mb.gather("old_logprobs")
-        ref = mb.gather("ref_logprobs")
-        behavior = mb.behavior_logprobs
-        if behavior is not None and self.loss_cfg.needs_behavior:
-            # Tokens whose generator gave no log-probs take the old policy's: their ratio becomes pi/pi_old
-            # (counted and warned about by _tokens_without_behavior).
-            missing = torch.isnan(behavior)
-            if old is None and bool(missing.any()):
-                raise ValueError(
-                    f"{int(missing.sum())} tokens have no behaviour log-probs and there are no old log-probs to use "
-                    "instead: call Learner.fill_logprobs(seqs) (old=None or True) before update"
-                )
-            if old is not None:
-                behavior = torch.where(missing, old.to(self.device), behavior)
         result = {}
 
         def loss_fn(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             result["out"] = fused_linear_grpo_loss(
                 h, w, mb.targets, advantages=mb.advantages, cu_seqlens=mb.cu_seqlens, origin=mb.origin,
-                old_logprobs=None if old is None else old.to(self.device),
-                ref_logprobs=None if ref is None else ref.to(self.device),
-                behavior_logprobs=behavior if self.loss_cfg.needs_behavior else None,
+                old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs,
+                behavior_logprobs=mb.behavior_logprobs if self.loss_cfg.needs_behavior else None,
                 loss_mask=mb.loss_mask, normalizer=normalizer, config=self.loss_cfg, advantage_level="sequence",
                 options=self.kernel_options, return_entropy=True,  # logged whatever loss.entropy_coef
             )
@@ -467,26 +475,21 @@ class Learner:
         out.loss = loss
         return out
 
-    def _tokens_without_behavior(self, seqs: Sequence[TrainSequence]) -> dict[str, float]:
+    def _tokens_without_behavior(self, batch: PackedBatch) -> dict[str, float]:
         """Counts (over all ranks) the tokens whose behaviour log-prob the loss needs but the generator did not give,
-        and warns once per kind: they fall back to the old policy's log-prob (see :meth:`_micro_batch_loss`).
+        and warns once per kind: they fall back to the old policy's log-prob (see :meth:`_with_behavior_fallback`).
 
         Expert tokens under ``expert_mode="is"``: API experts return text, not the policy tokenizer's log-probs.
         Policy tokens under ``tis_cap``: the rollout engine returned no log-probs.
         """
-        per_origin: dict[int, int] = {}
-        for seq in seqs:
-            beh = seq.behavior_logprobs
-            for index, origin in enumerate(seq.origins):
-                if beh is None or math.isnan(beh[index]):
-                    per_origin[origin] = per_origin.get(origin, 0) + 1
-        width = int(all_reduce_max(max(per_origin, default=0), self.device)) + 1
-        counts = torch.zeros(width, dtype=torch.float64, device=self.device)
-        for origin, count in per_origin.items():
-            counts[origin] = count
+        # tokens without behaviour log-probs per origin, [max origin + 1]
+        counts = torch.bincount(batch.origin, weights=(~batch.behavior_mask).double(), minlength=1)
         if world_size() > 1:
+            width = int(all_reduce_max(float(counts.numel()), self.device))
+            counts = torch.nn.functional.pad(counts, (0, width - counts.numel()))
             dist.all_reduce(counts)
         counts = counts.tolist()
+        width = len(counts)
         metrics = {}
         if self.loss_cfg.expert_mode == "is":
             lacking = [e for e in range(1, width) if counts[e]]
@@ -616,7 +619,3 @@ def engine_config(ds_config: dict, optim: OptimConfig, dtype: torch.dtype) -> di
     return {**ds_config, "gradient_clipping": optim.grad_clip, "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1, "bf16": {"enabled": dtype == torch.bfloat16}}
 
-
-def _chunks(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

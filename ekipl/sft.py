@@ -36,7 +36,7 @@ from ekipl.data import Prompt, Record, encode_prompt, load_records
 from ekipl.data.synthetic import guessed_answer, oracle_answer
 from ekipl.experts.retokenize import Retokenizer
 from ekipl.models import last_hidden_states, lm_head_weight
-from ekipl.packing import TrainSequence, make_micro_batch
+from ekipl.packing import TrainSequence, pack_sequences
 from ekipl.sampler import PromptSampler
 
 DEMONSTRATION_KINDS = ("weak", "expert")
@@ -102,7 +102,7 @@ def learning_rate(cfg: SFTConfig, step: int) -> float:
 def completion_loss(model, sequences: Sequence[TrainSequence], pad_id: int) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the completion tokens of ``sequences`` and their number."""
     device = lm_head_weight(model).device
-    batch = make_micro_batch(sequences, pad_id, device)
+    batch = pack_sequences(sequences, pad_id, device).micro_batch()
     hidden = last_hidden_states(model, batch.input_ids, batch.attention_mask, **batch.mm_inputs)
     rows = hidden.reshape(-1, hidden.shape[-1])[batch.hidden_index]
     logits = rows @ lm_head_weight(model).t()

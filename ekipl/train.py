@@ -201,9 +201,10 @@ class Trainer:
         batch = self.experience.make(self.step_index, timer)
         self.engine.release_memory()  # a colocated engine frees the GPU for the learner; update_weights resumes it
         with timer.phase("logprobs"):
-            self.learner.fill_logprobs(batch.sequences)
+            packed = self.learner.pack(batch.sequences)  # once per step: log-probs and the update share it
+            self.learner.fill_logprobs(packed)
         with timer.phase("update"):
-            update = self.learner.update(batch.sequences)
+            update = self.learner.update(packed)
         self._judge_latest_checkpoint(update)
         with timer.phase("sync"):
             sync = self.engine.update_weights(self.learner.named_weights())

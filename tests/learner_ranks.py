@@ -3,7 +3,7 @@
 SPEC (JSON) names the tiny model, the sequences every rank builds alike (``num_seqs``, ``seed``), which of them
 each rank trains on (``shares``, one index list per rank), the ZeRO stage, the loss and optimiser settings, and
 whether the reference model is loaded apart (as ekipl/train.py does) or left to the learner to copy from the policy.
-Each rank fills old/reference log-probs and runs one update; rank 0 then writes ``metrics.json`` and the
+Each rank packs its sequences, fills old/reference log-probs and runs one update; rank 0 then writes ``metrics.json`` and the
 updated weights (``weights.pt``) to ``out``. The process group times out after ``timeout_s``, so a rank left
 waiting in a collective fails instead of hanging.
 """
@@ -38,8 +38,9 @@ def main(spec_path: str) -> None:
     learner = Learner(load_policy(spec["model_dir"]), loss=LossConfig(**spec["loss"]), optim=OptimConfig(**spec["optim"]),
                       ds_config=ds_config(spec["stage"]), max_steps=10, pad_id=processor.tokenizer.pad_token_id,
                       reference=reference)
-    learner.fill_logprobs(seqs, old=True)
-    metrics = learner.update(seqs)
+    batch = learner.pack(seqs)
+    learner.fill_logprobs(batch, old=True)
+    metrics = learner.update(batch)
     weights = {name: w.cpu() for name, w in learner.named_weights()}
     if rank == 0:
         out = Path(spec["out"])

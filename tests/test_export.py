@@ -53,8 +53,9 @@ def trained_checkpoint(run: Path, tiny_model_dir: Path, processor, *, stage: int
     learner = Learner(load_policy(run / "tiny_model"), loss=LossConfig(), optim=OptimConfig(lr=1e-2),
                       ds_config=ds_config(stage), max_steps=2, pad_id=processor.tokenizer.pad_token_id)
     seqs = sequences(processor)
-    learner.fill_logprobs(seqs, old=True)
-    learner.update(seqs)
+    batch = learner.pack(seqs)
+    learner.fill_logprobs(batch, old=True)
+    learner.update(batch)
     if poison:
         next(learner.model.parameters()).data[0] = float("nan")
     if stage == 3:

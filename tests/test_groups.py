@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ekipl.groups import Candidate, GroupConfig, advantages_of, assemble_groups, record_group_metrics, select_group
-from ekipl.packing import TrainSequence, make_micro_batch
+from ekipl.packing import TrainSequence, pack_sequences
 from ekipl.data import Prompt
 from ekipl.step_stats import StepStats
 
@@ -96,7 +96,8 @@ def test_micro_batch_packs_completions_and_their_hidden_positions():
         TrainSequence(prompts[0], [7, 8], origins=[0, 0], advantage=0.5),
         TrainSequence(prompts[1], [9, 10, 11], origins=[2, 2, 0], advantage=-1.0, behavior_logprobs=[-1.0, -2.0, -3.0]),
     ]
-    mb = make_micro_batch(seqs, pad_id=0, device=torch.device("cpu"))
+    batch = pack_sequences(seqs, pad_id=0, device=torch.device("cpu"))
+    mb = batch.micro_batch()
     assert mb.input_ids.tolist() == [[1, 2, 3, 7, 8], [4, 5, 9, 10, 11]]
     assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert mb.cu_seqlens.tolist() == [0, 2, 5]
@@ -105,4 +106,6 @@ def test_micro_batch_packs_completions_and_their_hidden_positions():
     assert mb.hidden_index.tolist() == [2, 3, 5 + 1, 5 + 2, 5 + 3]
     assert mb.input_ids.view(-1)[mb.hidden_index + 1].tolist() == mb.targets.tolist()
     assert mb.origin.tolist() == [0, 0, 2, 2, 0]
-    assert torch.isnan(mb.behavior_logprobs[:2]).all() and mb.behavior_logprobs[2:].tolist() == [-1.0, -2.0, -3.0]
+    # the first sequence has no behaviour log-probs: a mask says so, with no NaN in the values
+    assert batch.behavior_mask.tolist() == [False, False, True, True, True]
+    assert mb.behavior_logprobs.tolist() == [0.0, 0.0, -1.0, -2.0, -3.0]

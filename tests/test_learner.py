@@ -36,15 +36,15 @@ def test_the_schedule_counts_ekipl_steps_however_many_optimiser_steps_each_takes
     # 2 sequences, mini-batches of 1, 2 epochs: 4 optimiser steps per EKIPL step
     learner = make_learner(tiny_model_dir, processor, max_steps=5, warmup_steps=2, min_lr_ratio=0.1, ppo_epochs=2,
                            mini_batch_size=1, micro_batch_size=1)
-    seqs = make_sequences(processor, 2, seed=0)
+    batch = learner.pack(make_sequences(processor, 2, seed=0))
     # step s < warmup trains at (s + 1) / warmup; then the cosine runs over the 3 remaining steps, its floor
     # (min_lr_ratio) reached at step max_steps, just after the last one
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)) for progress in (0.0, 1 / 3, 2 / 3, 1.0)]
     expected = [1e-3 * f for f in [0.5, 1.0, *cosine]]
     seen = []
     for step in range(5):
-        learner.fill_logprobs(seqs, old=True)
-        seen.append(learner.update(seqs)["lr"])
+        learner.fill_logprobs(batch, old=True)
+        seen.append(learner.update(batch)["lr"])
         # what the optimiser uses next: DeepSpeed's calls after each of the 4 optimiser steps did not move it
         assert learner.engine.get_lr()[0] == pytest.approx(expected[step + 1], rel=1e-6)
     assert seen == pytest.approx(expected[:5], rel=1e-6)
@@ -54,12 +54,54 @@ def test_the_schedule_counts_ekipl_steps_however_many_optimiser_steps_each_takes
 def test_a_constant_schedule_warms_up_the_same_way(tiny_model_dir, processor):
     learner = make_learner(tiny_model_dir, processor, max_steps=3, warmup_steps=2, schedule="constant", ppo_epochs=2,
                            micro_batch_size=2)
-    seqs = make_sequences(processor, 2, seed=0)
+    batch = learner.pack(make_sequences(processor, 2, seed=0))
     seen = []
     for _ in range(3):
-        learner.fill_logprobs(seqs, old=True)
-        seen.append(learner.update(seqs)["lr"])
+        learner.fill_logprobs(batch, old=True)
+        seen.append(learner.update(batch)["lr"])
     assert seen == pytest.approx([5e-4, 1e-3, 1e-3], rel=1e-6)
+
+
+# -- the packed batch: made once per step, log-probs written into it on the learner's device --------------------
+def test_fill_logprobs_writes_into_the_packed_batch_whose_slices_are_views(tiny_model_dir, processor):
+    learner = make_learner(tiny_model_dir, processor, loss=LossConfig(beta=0.04), micro_batch_size=2)
+    seqs = make_sequences(processor, 5, seed=4)
+    batch = learner.pack(seqs)
+    assert batch.old_logprobs is None and batch.ref_logprobs is None
+    learner.fill_logprobs(batch, old=True)
+    n = sum(s.num_tokens for s in seqs)
+    for lp in (batch.old_logprobs, batch.ref_logprobs):
+        assert lp.shape == (n,) and lp.dtype == torch.float32 and lp.device == learner.device
+    assert batch.cu_seqlens.tolist() == [0, *torch.tensor([s.num_tokens for s in seqs]).cumsum(0).tolist()]
+    # a slice of sequences is a view of the batch's token columns, cu_seqlens rebased to 0
+    part = batch[1:4]
+    tokens = slice(int(batch.cu_seqlens[1]), int(batch.cu_seqlens[4]))
+    assert part.cu_seqlens.tolist() == (batch.cu_seqlens[1:5] - batch.cu_seqlens[1]).tolist()
+    mb = part.micro_batch()
+    for name in ("targets", "origin", "old_logprobs", "ref_logprobs", "behavior_logprobs"):
+        column = getattr(batch, name)[tokens]
+        assert getattr(mb, name).data_ptr() == column.data_ptr() and torch.equal(getattr(mb, name), column), name
+    assert torch.equal(mb.advantages, batch.advantages[1:4])
+    # each micro-batch's log-probs landed in its own slice: one sequence at a time gives the same values
+    for index, seq in enumerate(seqs):
+        alone = learner._logprobs(learner.model, batch[index : index + 1].micro_batch())
+        torch.testing.assert_close(alone.float(), batch.old_logprobs[batch.cu_seqlens[index] : batch.cu_seqlens[index + 1]],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_missing_behaviour_logprobs_are_a_mask_not_a_nan(tiny_model_dir, processor):
+    learner = make_learner(tiny_model_dir, processor, micro_batch_size=4)
+    seqs = make_sequences(processor, 3, seed=3)  # sequence 2 is expert 1's, without behaviour log-probs
+    seqs[0].behavior_logprobs[1] = float("nan")  # a token the generator gave none for
+    batch = learner.pack(seqs)
+    cu = batch.cu_seqlens.tolist()
+    given = torch.ones(cu[-1], dtype=torch.bool)
+    given[cu[0] + 1] = False
+    given[cu[2] : cu[3]] = False
+    assert batch.behavior_mask.dtype == torch.bool and torch.equal(batch.behavior_mask.cpu(), given)
+    assert torch.isfinite(batch.behavior_logprobs).all()
+    expected = [x for s in seqs if s.behavior_logprobs is not None for x in s.behavior_logprobs if x == x]
+    assert batch.behavior_logprobs[batch.behavior_mask].tolist() == pytest.approx(expected)
 
 
 # -- 12.3: every rank runs the same forwards, backwards and optimiser steps ---------------------------------------
@@ -71,8 +113,9 @@ def test_placeholder_micro_batches_add_exactly_nothing(tiny_model_dir, processor
     for extra in (0, 2):
         torch.manual_seed(0)
         learner = make_learner(tiny_model_dir, processor, loss=LossConfig(beta=0.04), micro_batch_size=2)
-        learner.fill_logprobs(seqs, old=True)
-        metrics = learner._mini_batch_step(seqs, 2 + extra, seqs[0])
+        batch = learner.pack(seqs)
+        learner.fill_logprobs(batch, old=True)
+        metrics = learner._mini_batch_step(batch, 2 + extra, seqs[0])
         results.append((metrics, [p.detach().clone() for p in learner.model.parameters()]))
     (plain, plain_weights), (padded, padded_weights) = results
     assert padded["loss"] == plain["loss"] and padded["grad_norm"] == plain["grad_norm"] > 0
@@ -165,12 +208,13 @@ def test_an_offloaded_reference_runs_on_the_learner_device_and_goes_back(tiny_mo
     reference.get_output_embeddings().register_forward_pre_hook(
         lambda module, args: head_calls.append((list(moves), args[0].device))
     )
-    learner.fill_logprobs(seqs, old=True)
+    batch = learner.pack(seqs)
+    learner.fill_logprobs(batch, old=True)
     assert moves == [learner.device, elsewhere]  # there for the pass, then home
     assert head_calls == [([learner.device], learner.device)] * 2  # both micro-batches on the learner's device
-    for seq in seqs:  # the reference starts as the policy: the same log-probs, kept on the host like the old ones
-        assert seq.ref_logprobs.device == seq.old_logprobs.device == torch.device("cpu")
-        torch.testing.assert_close(seq.ref_logprobs, seq.old_logprobs)
+    # the reference starts as the policy: the same log-probs, on the learner's device like the old ones
+    assert batch.ref_logprobs.device == batch.old_logprobs.device == learner.device == torch.device("cpu")
+    torch.testing.assert_close(batch.ref_logprobs, batch.old_logprobs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the learner on CUDA, the reference in host memory")
@@ -181,12 +225,12 @@ def test_an_offloaded_reference_on_a_gpu(tiny_model_dir, processor):
                       pad_id=processor.tokenizer.pad_token_id, reference=load_policy(tiny_model_dir, device="cuda"),
                       offload_reference=True)
     assert next(learner.reference.parameters()).device.type == "cpu"
-    seqs = make_sequences(processor, 3, seed=2)
-    learner.fill_logprobs(seqs, old=True)
+    batch = learner.pack(make_sequences(processor, 3, seed=2))
+    learner.fill_logprobs(batch, old=True)
     assert next(learner.reference.parameters()).device.type == "cpu"
-    for seq in seqs:
-        torch.testing.assert_close(seq.ref_logprobs, seq.old_logprobs, rtol=1e-4, atol=1e-5)
-    assert learner.update(seqs)["skipped_steps"] == 0.0
+    assert batch.ref_logprobs.device.type == batch.old_logprobs.device.type == "cuda"
+    torch.testing.assert_close(batch.ref_logprobs, batch.old_logprobs, rtol=1e-4, atol=1e-5)
+    assert learner.update(batch)["skipped_steps"] == 0.0
 
 
 # -- 12.5: behaviour log-probs that the loss needs and the generator did not give --------------------------------
@@ -196,11 +240,12 @@ def test_tokens_without_behaviour_logprobs_warn_once_and_are_counted(tiny_model_
     seqs = make_sequences(processor, 6, seed=3)  # sequences 2 and 5 are expert 1's, without behaviour log-probs
     seqs[0].behavior_logprobs = None  # a policy answer whose rollout engine gave none
     seqs[1].behavior_logprobs[0] = float("nan")  # and one token of another
-    learner.fill_logprobs(seqs)  # the update needs old log-probs to stand in for the missing ones
-    assert all(s.old_logprobs is not None for s in seqs)
+    batch = learner.pack(seqs)
+    learner.fill_logprobs(batch)  # the update needs old log-probs to stand in for the missing ones
+    assert batch.old_logprobs is not None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = learner.update(seqs)
+        metrics = learner.update(batch)
     messages = [str(w.message) for w in caught if "behaviour log-probs" in str(w.message)]
     assert len(messages) == 2, messages
     expert, policy = messages
@@ -212,17 +257,17 @@ def test_tokens_without_behaviour_logprobs_warn_once_and_are_counted(tiny_model_
     assert metrics["skipped_steps"] == 0.0 and math.isfinite(metrics["loss"])
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
-        assert learner.update(seqs)["loss/tokens_expert_without_behavior"] > 0
+        assert learner.update(batch)["loss/tokens_expert_without_behavior"] > 0
     assert not [w for w in again if "behaviour log-probs" in str(w.message)]
 
 
 def test_no_count_or_warning_when_the_loss_needs_no_behaviour_logprobs(tiny_model_dir, processor):
     learner = make_learner(tiny_model_dir, processor, micro_batch_size=4)
-    seqs = make_sequences(processor, 3, seed=3)
-    learner.fill_logprobs(seqs)
-    assert all(s.old_logprobs is None for s in seqs)  # one optimiser step: pi_old is pi_theta, no pass needed
+    batch = learner.pack(make_sequences(processor, 3, seed=3))
+    learner.fill_logprobs(batch)
+    assert batch.old_logprobs is None  # one optimiser step: pi_old is pi_theta, no pass needed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = learner.update(seqs)
+        metrics = learner.update(batch)
     assert not [w for w in caught if "behaviour log-probs" in str(w.message)]
     assert not [key for key in metrics if "without_behavior" in key]

@@ -11,7 +11,7 @@ from ekipl.data.answers import extract_answer
 from ekipl.data.synthetic import write_synthetic_dataset
 from ekipl.experts.retokenize import Retokenizer
 from ekipl.models import load_policy, multimodal_token_types
-from ekipl.packing import TrainSequence, make_micro_batch
+from ekipl.packing import TrainSequence, pack_sequences
 from ekipl.rewards import RewardSet
 from ekipl.sft import (
     SFTConfig, completion_loss, expert_demonstrations, main, supervised_finetune, warm_start, weak_demonstrations,
@@ -59,7 +59,7 @@ def test_the_loss_is_cross_entropy_of_the_completion_tokens_only(tiny_model_dir,
         sequences.append(TrainSequence(prompt, ids, [0] * len(ids), advantage=0.0))
     loss, count = completion_loss(model, sequences, processor.tokenizer.pad_token_id)
 
-    batch = make_micro_batch(sequences, processor.tokenizer.pad_token_id, torch.device("cpu"))
+    batch = pack_sequences(sequences, processor.tokenizer.pad_token_id, torch.device("cpu")).micro_batch()
     types = multimodal_token_types(batch.input_ids, model.config)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=types,
                    **batch.mm_inputs).logits

@@ -12,7 +12,7 @@ from ekipl.config import load_config
 from ekipl.learner import NonFiniteLossError
 from ekipl.metrics import PhaseTimer
 from ekipl.models import multimodal_token_types
-from ekipl.packing import make_micro_batch
+from ekipl.packing import pack_sequences
 from ekipl_kernels import reference
 
 
@@ -39,10 +39,11 @@ def test_one_step_matches_the_reference_loss_and_gradient(trainer):
     seqs = batch.sequences
     assert any(o > 0 for s in seqs for o in s.origins), "the oracle's answers should join the groups"
     learner = trainer.learner
-    learner.fill_logprobs(seqs, old=True)
+    packed = learner.pack(seqs)
+    learner.fill_logprobs(packed, old=True)
     model = learner.model
-    mb = make_micro_batch(seqs, learner.pad_id, learner.device)
-    normalizer = learner._normalizer(seqs)
+    mb = packed.micro_batch()
+    normalizer = learner._normalizer(packed)
     probe = model.model.language_model.layers[0].mlp.down_proj.weight
 
     model.zero_grad(set_to_none=True)
@@ -58,7 +59,7 @@ def test_one_step_matches_the_reference_loss_and_gradient(trainer):
     rows = logits.reshape(-1, logits.shape[-1])[mb.hidden_index]
     expected = reference.grpo_loss(
         rows, mb.targets, advantages=mb.advantages, cu_seqlens=mb.cu_seqlens, origin=mb.origin,
-        old_logprobs=mb.gather("old_logprobs"), ref_logprobs=mb.gather("ref_logprobs"), normalizer=normalizer,
+        old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, normalizer=normalizer,
         config=trainer.cfg.loss,
     )
     (reference_grad,) = torch.autograd.grad(expected.loss, probe)
@@ -75,7 +76,8 @@ def test_one_step_matches_the_reference_loss_and_gradient(trainer):
 def test_nan_guard_skips_then_stops(trainer, monkeypatch):
     learner = trainer.learner
     batch = trainer.experience.make(trainer.step_index, PhaseTimer())
-    learner.fill_logprobs(batch.sequences, old=False)
+    packed = learner.pack(batch.sequences)
+    learner.fill_logprobs(packed, old=False)
     before = [p.detach().clone() for p in learner.model.parameters()]
     real = learner._micro_batch_loss
 
@@ -87,10 +89,10 @@ def test_nan_guard_skips_then_stops(trainer, monkeypatch):
     monkeypatch.setattr(learner, "_micro_batch_loss", poisoned)
     learner.bad_steps = 0
     for _ in range(learner.optim_cfg.max_bad_steps - 1):
-        assert learner.update(batch.sequences)["skipped_steps"] == 1.0
+        assert learner.update(packed)["skipped_steps"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
     with pytest.raises(NonFiniteLossError, match="max_bad_steps"):
-        learner.update(batch.sequences)
+        learner.update(packed)
     learner.bad_steps = 0
 
 
@@ -182,7 +184,7 @@ def _reference_grad_norm(model_dir, seqs, pad_id, config, normalizer):
     from ekipl.models import load_policy
 
     model = load_policy(model_dir)
-    mb = make_micro_batch(seqs, pad_id, torch.device("cpu"))
+    mb = pack_sequences(seqs, pad_id, torch.device("cpu")).micro_batch()
     types = multimodal_token_types(mb.input_ids, model.config)
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, mm_token_type_ids=types, **mb.mm_inputs).logits
     rows = logits.reshape(-1, logits.shape[-1])[mb.hidden_index]
@@ -200,7 +202,8 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient_under_every_zero_st
     trainer = Trainer(load_config(None, overrides(tmp_path, tiny_model_dir, **extra)))
     seqs = trainer.experience.make(trainer.step_index, PhaseTimer()).sequences
     assert len(seqs) > 5  # several micro-batches
+    packed = trainer.learner.pack(seqs)
     expected = _reference_grad_norm(tiny_model_dir, seqs, trainer.learner.pad_id, trainer.cfg.loss,
-                                    trainer.learner._normalizer(seqs))
-    metrics = trainer.learner.update(seqs)
+                                    trainer.learner._normalizer(packed))
+    metrics = trainer.learner.update(packed)
     assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-4)
