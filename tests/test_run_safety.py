@@ -119,7 +119,6 @@ def test_killing_the_deepspeed_launcher_stops_the_ranks_with_a_checkpoint(tiny_m
     """The real launcher chain (deepspeed -> launch.py -> train.py): SIGKILL the top process, as a scheduler may."""
     import json
     import subprocess
-    import sys
     import time
     from pathlib import Path
 

@@ -6,8 +6,8 @@ engine's own log-probs of the sampled tokens, and takes new weights after every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
