@@ -1,5 +1,12 @@
 """Every fast backend (chunked, the C++ op, Triton, interpreted on CPU tensors) against the fp64 reference,
-through the public functions, on the shared random batches of ``ekipl_kernels.testing``."""
+through the public functions, on the shared random batches of ``ekipl_kernels.testing``.
+
+Uninitialised memory is poisoned with NaN (deterministic mode fills every ``empty`` tensor, the C++ op's outputs
+and buffers included), so an element a backend forgets to write shows up as NaN. Relative error
+``||out - ref|| / ||ref||``: fp32 < 1e-4, bf16 and fp16 < 1e-2, fp64 < 1e-10 (chunked, which computes in fp32,
+1e-4; Triton takes no fp64). Triton runs in its interpreter here, so its cases use vocabularies of a few
+thousand where the others use Qwen's.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, grpo_loss, normalizer_count, stats_as_floats
+from ekipl_kernels import (KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss,
+                           normalizer_count, stats_as_floats)
 from ekipl_kernels.backends import BackendUnavailable, load_backend
 from ekipl_kernels.testing import random_batch
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
 
 
 def _available(name: str):
@@ -24,6 +32,14 @@ def _available(name: str):
 
 
 BACKENDS = [_available(name) for name in ("chunked", "cpu", "triton")]
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -90,19 +106,30 @@ def test_normalizer_count_is_the_loss_default(agg):
     assert float(normalizer_count(agg, None, padded)) == float(count)
 
 
-def assert_matches_reference(loss_fn, inputs, batch, config, backend, **extra):
-    """Loss, log-probs and the gradients of every input of a fast backend within the dtype's tolerance of the
-    fp64 reference's."""
+def assert_matches_reference(loss_fn, inputs, batch, config, backend, tol=None, **extra):
+    """Loss, log-probs, entropy (when the config or return_entropy asks for it, else None), the statistics (their
+    names; for fp32 their values) and the gradients of every input of a fast backend within the inputs' dtype's
+    tolerance (or ``tol``) of the fp64 reference's; the outputs' dtypes and autograd flags."""
     out, grads = run(loss_fn, inputs, batch, config, backend, **extra)
     ref, ref_grads = run(loss_fn, [x.double() for x in inputs], batch, config, "reference", **{
         key: value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
         for key, value in extra.items() if key != "options"})
-    tol = TOLERANCE[batch.hidden.dtype]
+    dtype = inputs[0].dtype
+    tol = TOLERANCE[dtype] if tol is None else tol
+    assert out.loss.dtype == torch.float32 and out.loss.dim() == 0 and out.loss.requires_grad
     assert rel_err(out.loss, ref.loss) < tol
+    assert out.logprobs.dtype == torch.float32 and not out.logprobs.requires_grad
     assert rel_err(out.logprobs, ref.logprobs) < tol
+    if config.entropy_coef != 0 or extra.get("return_entropy"):
+        assert rel_err(out.entropy, ref.entropy) < tol
+    else:
+        assert out.entropy is None
     for g, r in zip(grads, ref_grads):
-        assert g.dtype == batch.hidden.dtype
+        assert g.dtype == dtype
         assert rel_err(g, r) < tol
+    assert out.stats.keys() == ref.stats.keys()
+    if dtype == torch.float32:
+        assert stats_as_floats(out.stats) == pytest.approx(stats_as_floats(ref.stats), rel=1e-3, abs=1e-5)
     return out, ref
 
 
@@ -294,3 +321,227 @@ def test_sequence_level_ratio_is_trls():
     torch.testing.assert_close(*(torch.autograd.grad((x.exp() * weights).sum(), lp)[0] for x in (ours, trl)))
     with pytest.raises(ValueError, match="ratio_level"):
         LossConfig(ratio_level="sequence", expert_mode="is")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every mode, dtype and awkward input, from hidden states and from logits (moved from tests/test_cpu_op.py)
+
+# Expert and masked tokens at random positions besides the adversarial layout.
+MIXED = dict(expert_fraction=0.4, masked_fraction=0.15)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def big_vocab(backend: str) -> int:
+    """Qwen's vocabulary plus one; 4099 for interpreted Triton (past every interpreted block and split, a multiple
+    of none), whose cost grows with V."""
+    return 4099 if backend == "triton" else 151937
+
+
+def linear_inputs(batch):
+    return ENTRY_POINTS["linear"][1](batch)
+
+
+MODE_CONFIGS = {
+    "ratio-k3": (LossConfig(beta=0.04, kl="k3"), {}),
+    "is-tis-k2": (LossConfig(expert_mode="is", tis_cap=1.5, beta=0.1, kl="k2", eps_high=0.28), {}),
+    # Clamps and cap active on many tokens (log-ratios spread ~0.3-0.5): their zero gradients are exact.
+    "is-cap-tight-clamps": (LossConfig(expert_mode="is", is_cap=1.2, beta=0.1, kl="k3", log_ratio_clamp=0.4,
+                                       kl_clamp=0.03, dual_clip=2.0), {}),
+    "shaped-entropy-k1-temp": (LossConfig(expert_mode="shaped", entropy_coef=0.01, beta=0.05, kl="k1",
+                                          temperature=0.7), {}),
+    "dual-clip-seq-mean": (LossConfig(dual_clip=3.0, agg="seq-mean-token-mean", temperature=1.3,
+                                      entropy_coef=0.003), {}),
+    "sum-norm-per-token-adv": (LossConfig(agg="seq-mean-token-sum-norm", max_len=16, beta=0.02),
+                               {"per_token_advantages": True}),
+    "no-old-logprobs": (LossConfig(tis_cap=2.0, beta=0.04), {"with_old": False}),
+    "normalizer": (LossConfig(expert_mode="shaped"), {"normalizer": 100.0}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(MODE_CONFIGS))
+def test_modes_match_reference(name, dtype, backend):
+    config, options = MODE_CONFIGS[name]
+    extra = {"normalizer": options["normalizer"]} if "normalizer" in options else {}
+    batch_options = {k: v for k, v in options.items() if k != "normalizer"}
+    batch = random_batch(vocab=1000, hidden_size=32, dtype=dtype, seed=list(MODE_CONFIGS).index(name), **MIXED,
+                         **batch_options)
+    assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, config, backend, **extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float64, id="fp64")])
+def test_other_dtypes_match_reference(dtype, backend):
+    """fp16, and fp64 to 1e-10 on the C++ op. The fast backends share fp32 aggregation weights (TokenInputs), the
+    reference divides in fp64: 32 unmasked tokens make 1 / 32 exact in both. The chunked backend computes in fp32
+    whatever its inputs' dtype, so fp64 holds it to fp32's tolerance."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton takes fp32, bf16 and fp16; fp64 runs on the chunked backend (backend=None picks it)")
+    batch = random_batch(vocab=333, hidden_size=16, dtype=dtype, seed=9, **MIXED)
+    assert float(batch.keywords["loss_mask"].sum()) == 32
+    config = LossConfig(beta=0.1, entropy_coef=0.01, expert_mode="is")
+    tol = TOLERANCE[torch.float32] if backend == "chunked" and dtype == torch.float64 else None
+    assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, config, backend, tol=tol)
+
+
+ADVERSARIAL_CONFIG = LossConfig(beta=0.04, entropy_coef=0.01, expert_mode="shaped", temperature=0.9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vocab_not_a_multiple_of_any_block(dtype, backend):
+    batch = random_batch(lengths=(1, 4, 1, 3, 8, 7), vocab=big_vocab(backend), hidden_size=8, dtype=dtype, seed=1,
+                         **MIXED)
+    assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, ADVERSARIAL_CONFIG, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits(backend):
+    batch = random_batch(vocab=4099, hidden_size=16, logit_scale=50.0, seed=2, **MIXED)
+    assert float(batch.logits().abs().max()) > 100
+    assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, ADVERSARIAL_CONFIG, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_chunks(backend, monkeypatch):
+    """1 MiB of scratch (63 rows of V=4099 in fp32) splits 151 rows into three chunks: the C++ op's rows into 51, 51
+    and 49, chunked's into 63, 63 and 25. Interpreted Triton gets a quarter of both (63 rows of V=1031): its rows
+    schedule 51, 51 and 49 rows, its vocab schedule slices of 384, 384 and 263 columns."""
+    import ekipl_kernels.chunked as chunked
+
+    vocab, megabytes = (1031, 0.25) if backend == "triton" else (4099, 1)
+    monkeypatch.setenv("EKIPL_CPU_CHUNK_MB", str(megabytes))
+    monkeypatch.setenv("EKIPL_TRITON_CHUNK_MB", str(megabytes))
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", int(megabytes * 2**20))
+    batch = random_batch(lengths=(40, 1, 59, 1, 30, 20), vocab=vocab, hidden_size=24, seed=3, **MIXED)
+    config = LossConfig(beta=0.04, entropy_coef=0.01, agg="seq-mean-token-mean")
+    for schedule in SCHEDULES[backend]:
+        options = KernelOptions(backend=backend, **({"schedule": schedule} if schedule else {}))
+        assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, config, backend,
+                                 options=options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_gives_zero_loss_and_zero_gradients(backend):
+    batch = random_batch(vocab=500, hidden_size=8, seed=4, **MIXED)
+    batch.keywords["loss_mask"] = torch.zeros_like(batch.keywords["loss_mask"])
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        out, grads = run(fused_linear_grpo_loss, linear_inputs(batch), batch,
+                         LossConfig(agg=agg, beta=0.1, entropy_coef=0.1), backend)
+        assert float(out.loss.detach()) == 0.0
+        assert bool(torch.isfinite(out.logprobs).all())
+        assert not any(g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+def test_huge_log_ratios_stay_finite_and_match_the_reference(kl, backend):
+    """Old, reference and behaviour log-probs 60 nats away: without the clamps exp() would overflow."""
+    batch = random_batch(vocab=500, hidden_size=16, seed=11, **MIXED)
+    n = batch.hidden.shape[0]
+    far = torch.tensor([60.0, -60.0, 0.0]).repeat(n // 3 + 1)[:n]
+    kw = batch.keywords
+    kw.update(old_logprobs=kw["old_logprobs"] + far, ref_logprobs=kw["ref_logprobs"] - far,
+              behavior_logprobs=kw["behavior_logprobs"] + far.roll(1))
+    for config in (LossConfig(expert_mode="is", beta=0.1, kl=kl, dual_clip=3.0),
+                   LossConfig(expert_mode="is", is_cap=5.0, beta=0.1, kl=kl, tis_cap=2.0, agg="seq-mean-token-mean")):
+        assert_matches_reference(fused_linear_grpo_loss, linear_inputs(batch), batch, config, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_token", [True, False], ids=["token-advantages", "sequence-advantages"])
+def test_masked_tokens_reach_neither_loss_nor_gradient_whatever_they_hold(per_token, backend):
+    """NaN and inf on every masked token (hidden rows, log-probs, advantages): the clean batch's reference."""
+    clean = random_batch(vocab=300, hidden_size=16, seed=12, per_token_advantages=per_token, **MIXED)
+    batch = random_batch(vocab=300, hidden_size=16, seed=12, per_token_advantages=per_token, masked_garbage=True,
+                         **MIXED)
+    config = LossConfig(expert_mode="is", beta=0.1, entropy_coef=0.01, tis_cap=2.0, agg="seq-mean-token-mean")
+    out, (d_hidden, d_weight) = run(fused_linear_grpo_loss, linear_inputs(batch), batch, config, backend)
+    ref, (ref_hidden, ref_weight) = run(fused_linear_grpo_loss, [x.double() for x in linear_inputs(clean)], clean,
+                                        config, "reference")
+    masked = batch.keywords["loss_mask"] == 0
+    assert not torch.isfinite(batch.hidden[masked]).any()
+    assert rel_err(out.loss, ref.loss) < 1e-4
+    assert rel_err(d_weight, ref_weight) < 1e-4
+    assert rel_err(d_hidden, ref_hidden) < 1e-4
+    assert not d_hidden[masked].any()
+    assert rel_err(out.logprobs[~masked], ref.logprobs[~masked]) < 1e-4
+    assert stats_as_floats(out.stats) == pytest.approx(stats_as_floats(ref.stats), rel=1e-3, abs=1e-5)
+
+
+def logits_loss_and_grad(logits, batch, config, backend):
+    x = logits.detach().clone().requires_grad_()
+    out = grpo_loss(x, batch.targets, config=config, backend=backend, **batch.keywords)
+    out.loss.backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_grpo_loss_with_masked_garbage_rows_and_minus_inf_vocabulary(entropy_coef, backend):
+    batch = random_batch(vocab=203, hidden_size=8, seed=13, per_token_advantages=True, logit_scale=3.0,
+                         masked_garbage=True, minus_inf_fraction=0.3, **MIXED)
+    logits = batch.logits()
+    masked = batch.keywords["loss_mask"] == 0
+    assert not torch.isfinite(logits[masked]).all(dim=1).any()
+    config = LossConfig(beta=0.04, entropy_coef=entropy_coef, expert_mode="is", temperature=0.9)
+    out, grad = logits_loss_and_grad(logits, batch, config, backend)
+    ref, ref_grad = logits_loss_and_grad(logits.double(), batch, config, "reference")
+    assert rel_err(out.loss, ref.loss) < 1e-4
+    assert rel_err(grad, ref_grad) < 1e-4
+    assert not grad[masked].any() and not grad[batch.absent].any()
+    assert rel_err(out.logprobs[~masked], ref.logprobs[~masked]) < 1e-4
+    if entropy_coef:
+        assert rel_err(out.entropy[~masked], ref.entropy[~masked]) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.float16, id="fp16")])
+def test_grpo_loss_over_logits(dtype, backend):
+    batch = random_batch(vocab=5003, hidden_size=16, logit_scale=3.0, seed=5, **MIXED)
+    logits = batch.logits().to(dtype)
+    out, grad = logits_loss_and_grad(logits, batch, ADVERSARIAL_CONFIG, backend)
+    ref, ref_grad = logits_loss_and_grad(logits.double(), batch, ADVERSARIAL_CONFIG, "reference")
+    tol = TOLERANCE[dtype]
+    assert grad.dtype == dtype
+    assert rel_err(out.loss, ref.loss) < tol
+    assert rel_err(out.logprobs, ref.logprobs) < tol
+    assert rel_err(out.entropy, ref.entropy) < tol
+    assert rel_err(grad, ref_grad) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_linear_logprobs_under_no_grad(dtype, backend):
+    batch = random_batch(lengths=(13, 4), vocab=big_vocab(backend), hidden_size=8, dtype=dtype, seed=6,
+                         adversarial=False)
+    hidden = batch.hidden.clone().requires_grad_()
+    ref_lp, ref_entropy = fused_linear_logprobs(batch.hidden.double(), batch.weight.double(), batch.targets,
+                                                temperature=0.8, return_entropy=True, backend="reference")
+    ref_lp_only = fused_linear_logprobs(batch.hidden.double(), batch.weight.double(), batch.targets,
+                                        backend="reference")
+    tol = TOLERANCE[dtype]
+    for path in ("fused", "cublas") if backend == "triton" else ("fused",):
+        options = KernelOptions(backend=backend, logprobs_path=path)
+        with torch.no_grad():
+            lp, entropy = fused_linear_logprobs(hidden, batch.weight, batch.targets, temperature=0.8,
+                                                return_entropy=True, options=options)
+            lp_only = fused_linear_logprobs(hidden, batch.weight, batch.targets, options=options)
+        assert lp.dtype == torch.float32 and not lp.requires_grad
+        assert rel_err(lp, ref_lp) < tol  # at temperature 0.8
+        assert rel_err(entropy, ref_entropy) < tol
+        assert rel_err(lp_only, ref_lp_only) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_names_agree_on_the_batch_statistics(backend):
+    batch = random_batch(lengths=(5, 5), vocab=64, hidden_size=8, seed=10, adversarial=False, expert_fraction=0.4)
+    assert bool((batch.keywords["loss_mask"] == 1).all())
+    config = LossConfig(beta=0.1, entropy_coef=0.02)
+    stats = [run(fused_linear_grpo_loss, linear_inputs(batch), batch, config, name)[0].stats
+             for name in (backend, "reference")]
+    assert stats[0].keys() == stats[1].keys() >= {"clip_frac", "ratio_mean", "kl_mean", "entropy_mean",
+                                                    "tokens_policy", "tokens_expert"}
+    assert stats[0]["tokens_policy"] + stats[0]["tokens_expert"] == 10
+    assert 0 < stats[0]["tokens_expert"] == stats[1]["tokens_expert"]
