@@ -54,6 +54,7 @@ import torch
 from ekipl_kernels import KernelOptions, LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, grpo_loss
 from ekipl_kernels.inputs import prepare_token_inputs
 from ekipl_kernels.reference import token_losses
+from ekipl_kernels.testing import random_batch
 
 GPU_SHAPES = [(8192, 4096, 131072), (16384, 3584, 152064), (4096, 1536, 151936)]
 QUICK_SHAPES = [(256, 64, 1001), (512, 64, 2003)]
@@ -102,20 +103,17 @@ class Problem:
 
 
 def make_problem(n: int, h: int, v: int, seq_len: int, device: torch.device, seed: int = 0) -> Problem:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
-    hidden = randn(n, h).to(torch.bfloat16)
-    weight = (randn(v, h) / h**0.5).to(torch.bfloat16)
-    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    """Sequences of ``seq_len`` tokens from the shared generator of the tests (``ekipl_kernels.testing``), then
+    this benchmark's layout of origins and mask."""
     num_seqs = n // seq_len
-    cu_seqlens = torch.arange(0, n + 1, seq_len, device=device)
-    origin = torch.zeros(n, dtype=torch.long, device=device)
+    batch = random_batch(lengths=(seq_len,) * num_seqs, vocab=v, hidden_size=h, dtype=torch.bfloat16, device=device,
+                         seed=seed, adversarial=False)
+    kw = batch.keywords
+    origin, mask = kw["origin"], kw["loss_mask"]
     origin.view(num_seqs, seq_len)[::8] = 1  # one sequence in eight from an expert
-    mask = torch.ones(n, device=device)
     mask.view(num_seqs, seq_len)[:, seq_len - max(1, seq_len // 20):] = 0.0
-    lp = fused_linear_logprobs(hidden, weight, targets, backend="chunked")
-    return Problem(hidden.requires_grad_(), weight.requires_grad_(), targets, randn(num_seqs), cu_seqlens, origin,
-                   mask, lp + 0.2 * randn(n), lp + 0.2 * randn(n), seq_len)
+    return Problem(batch.hidden.requires_grad_(), batch.weight.requires_grad_(), batch.targets, kw["advantages"],
+                   kw["cu_seqlens"], origin, mask, kw["old_logprobs"], kw["ref_logprobs"], seq_len)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,9 +53,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
+from ekipl_kernels import LossConfig, fused_linear_grpo_loss
 from ekipl_kernels.inputs import prepare_token_inputs
 from ekipl_kernels.reference import token_losses
+from ekipl_kernels.testing import random_batch
 
 HIDDEN = 512
 VOCAB = 151936
@@ -84,20 +85,19 @@ class Batch:
 
 
 def make_batch(n: int, seed: int = 0) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, HIDDEN, generator=gen)
-    weight = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5
-    targets = torch.randint(0, VOCAB, (n,), generator=gen)
-    lp = fused_linear_logprobs(hidden, weight, targets, backend="cpu")
-    num_seqs = n // SEQ_LEN
+    """``n`` tokens in sequences of ``SEQ_LEN``, all unmasked policy tokens, from the shared generator of the tests
+    (``ekipl_kernels.testing.random_batch``)."""
+    b = random_batch(lengths=(SEQ_LEN,) * (n // SEQ_LEN), vocab=VOCAB, hidden_size=HIDDEN, seed=seed,
+                     adversarial=False)
+    kw = b.keywords
     return Batch(
-        hidden=hidden.requires_grad_(),
-        weight=weight.requires_grad_(),
-        targets=targets,
-        advantages=torch.randn(num_seqs, generator=gen),
-        cu_seqlens=torch.arange(0, n + 1, SEQ_LEN),
-        old_logprobs=lp + 0.2 * torch.randn(n, generator=gen),
-        ref_logprobs=lp + 0.2 * torch.randn(n, generator=gen),
+        hidden=b.hidden.requires_grad_(),
+        weight=b.weight.requires_grad_(),
+        targets=b.targets,
+        advantages=kw["advantages"],
+        cu_seqlens=kw["cu_seqlens"],
+        old_logprobs=kw["old_logprobs"],
+        ref_logprobs=kw["ref_logprobs"],
     )
 
 
