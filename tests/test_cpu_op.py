@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs, ops
+from ekipl_kernels import LossConfig, fused_linear_grpo_loss, fused_linear_logprobs
 from ekipl_kernels.backends import BackendUnavailable
+from ekipl_kernels.loss_scalars import loss_scalars, slot
 from ekipl_kernels.op_builder import build_op, load_cpu_op
 from ekipl_kernels.testing import random_batch
 
@@ -75,10 +76,11 @@ def test_op_rejects_bad_inputs_with_clear_messages():
     tokens = (torch.ones(4), torch.ones(4), torch.zeros(4, dtype=torch.bool), None, None, None)
     flags = dict(need_entropy=False, grad_hidden=True, grad_weight=True)
     with pytest.raises(RuntimeError, match="ref_logprobs is required when beta > 0"):
-        loss_op(batch.hidden, batch.weight, batch.targets, *tokens, **ops.config_scalars(LossConfig(beta=0.1)), **flags)
-    with pytest.raises(RuntimeError, match="the loss scalars must be finite; got nan"):
-        loss_op(batch.hidden, batch.weight, batch.targets, *tokens,
-                **{**ops.config_scalars(LossConfig()), "kl_clamp": float("nan")}, **flags)
+        loss_op(batch.hidden, batch.weight, batch.targets, *tokens, scalars=loss_scalars(LossConfig(beta=0.1)), **flags)
+    bad = loss_scalars(LossConfig())
+    bad[slot("kl_clamp")] = float("nan")
+    with pytest.raises(RuntimeError, match="the loss scalars must be finite; got nan for kl_clamp"):
+        loss_op(batch.hidden, batch.weight, batch.targets, *tokens, scalars=bad, **flags)
 
 
 def test_failed_build_quotes_the_compiler(tmp_path, monkeypatch):
