@@ -199,7 +199,6 @@ def test_policy_loss_modes(backend, entry, name):
 
 def test_policy_loss_definitions():
     """The reference's CISPO and SAPO are TRL 1.16's formulas, token by token."""
-
     gen = torch.Generator().manual_seed(0)
     lp = (-torch.rand(50, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     old = lp.detach() + 0.5 * torch.randn(50, generator=gen, dtype=torch.float64)
@@ -258,7 +257,6 @@ def test_kl_bias_correction(backend, entry, name):
 
 def test_kl_bias_correction_is_trls():
     """TRL 1.16: per_token_kl = (exp(ref - lp) - (ref - lp) - 1) * exp(lp - old), the ratio differentiated."""
-
     gen = torch.Generator().manual_seed(1)
     lp = (-torch.rand(40, generator=gen, dtype=torch.float64) * 3).requires_grad_()
     old = lp.detach() + 0.5 * torch.randn(40, generator=gen, dtype=torch.float64)
