@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+@pytest.fixture
+def poisoned_uninitialized_memory():
+    """Deterministic mode, which fills every ``empty`` tensor (a kernel's outputs and buffers included) with NaN, so
+    that an element a kernel forgets to write shows up as NaN."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(scope="session")

@@ -35,12 +35,7 @@ def _available(name: str):
 BACKENDS = [_available(name) for name in ("chunked", "cpu", "triton")]
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poisoned_uninitialized_memory")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,12 +17,7 @@ from ekipl_kernels.op_builder import build_op, load_cpu_op
 from ekipl_kernels.testing import random_batch
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poisoned_uninitialized_memory")
 
 
 @pytest.fixture(scope="module", autouse=True)
