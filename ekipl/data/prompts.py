@@ -112,7 +112,8 @@ def fit_image_size(height: int, width: int, *, factor: int, min_pixels: int, max
     new_height = max(factor, round(height / factor) * factor)
     new_width = max(factor, round(width / factor) * factor)
     if new_height * new_width > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
+        # At least 1: an image within max_pixels that rounding pushed over it is floored to the grid, not enlarged.
+        scale = max(1.0, math.sqrt(height * width / max_pixels))
         new_height = max(factor, math.floor(height / scale / factor) * factor)
         new_width = max(factor, math.floor(width / scale / factor) * factor)
         # A very thin image has its short side held at one factor; then shrink the long side to fit.
