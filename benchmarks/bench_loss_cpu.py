@@ -14,7 +14,8 @@ Compared on the same inputs, in one process, at H=512, V=151936 fp32 and N in {2
 
 The loss is the same for all five: policy-token clipped ratio with old log-probs, k3 KL (beta 0.04) to
 reference log-probs, token-mean over 128-token sequences, temperature 1; the table shows each loss so
-that the agreement is visible.
+that the agreement is visible. ``--ratio-level sequence`` makes the ratio GSPO's (one per sequence; Liger's
+``importance_sampling_level="sequence"``), which the fused backends run in two passes.
 
 Time: forward + ``backward()`` with ``torch.set_num_threads(2)``, after one warm-up run of every method
 (which also pays for torch.compile and the JIT build). The methods take turns in each of ``--repeats``
@@ -32,8 +33,9 @@ before them (the materialised paths peak in their forward), so ratios against th
 glibc is told to serve every allocation above 64 KiB with mmap (``mallopt``), so that freed memory
 leaves the RSS at once and one method's leftovers never hide the next one's peak.
 
-Usage: ``python benchmarks/bench_loss_cpu.py [--sizes 256,1024,4096] [--repeats 5] [--methods A,B]``.
-Prints a table and writes ``benchmarks/results/bench_loss_cpu.json`` (``--out`` elsewhere).
+Usage: ``python benchmarks/bench_loss_cpu.py [--sizes 256,1024,4096] [--repeats 5] [--methods A,B]
+[--ratio-level token|sequence]``. Prints a table and writes ``benchmarks/results/bench_loss_cpu.json`` (``--out``
+elsewhere).
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,14 +57,17 @@ import torch
 
 from ekipl_kernels import LossConfig, fused_linear_grpo_loss
 from ekipl_kernels.inputs import prepare_token_inputs
-from ekipl_kernels.reference import token_losses
+from ekipl_kernels.reference import sequence_log_ratio, token_losses
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_model import cpu_model  # noqa: E402  (a sibling script module)
 from ekipl_kernels.testing import random_batch
 
 HIDDEN = 512
 VOCAB = 151936
 SEQ_LEN = 128
 THREADS = 2
-CONFIG = LossConfig(beta=0.04, kl="k3")
+TOKEN_LEVEL = LossConfig(beta=0.04, kl="k3")
 METHODS = ("ekipl cpu", "reference-style", "materialised", "ekipl chunked", "liger")
 BASELINES = ("reference-style", "materialised")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loss_cpu.json"
@@ -101,11 +106,11 @@ def make_batch(n: int, seed: int = 0) -> Batch:
     )
 
 
-def run_ekipl(backend: str) -> Callable[[Batch], torch.Tensor]:
+def run_ekipl(backend: str, config: LossConfig) -> Callable[[Batch], torch.Tensor]:
     def run(b: Batch) -> torch.Tensor:
         out = fused_linear_grpo_loss(
             b.hidden, b.weight, b.targets, advantages=b.advantages, cu_seqlens=b.cu_seqlens,
-            old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, config=CONFIG, backend=backend,
+            old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, config=config, backend=backend,
         )
         out.loss.backward()
         return out.loss.detach()
@@ -113,7 +118,7 @@ def run_ekipl(backend: str) -> Callable[[Batch], torch.Tensor]:
     return run
 
 
-def run_materialised(reference_style: bool) -> Callable[[Batch], torch.Tensor]:
+def run_materialised(reference_style: bool, config: LossConfig) -> Callable[[Batch], torch.Tensor]:
     """Plain autograd over fp32 ``[N, V]`` logits; ``reference_style`` follows ``reference.grpo_loss`` step
     by step (divide by the temperature, entropy always computed), otherwise only what the config needs."""
 
@@ -121,19 +126,22 @@ def run_materialised(reference_style: bool) -> Callable[[Batch], torch.Tensor]:
         tok = prepare_token_inputs(
             b.hidden.shape[0], b.hidden.device, advantages=b.advantages, cu_seqlens=b.cu_seqlens, origin=None,
             old_logprobs=b.old_logprobs, ref_logprobs=b.ref_logprobs, behavior_logprobs=None, loss_mask=None,
-            normalizer=None, config=CONFIG,
+            normalizer=None, config=config,
         )
         logits = b.hidden @ b.weight.T
-        if reference_style or CONFIG.temperature != 1.0:
-            logits = logits / CONFIG.temperature
+        if reference_style or config.temperature != 1.0:
+            logits = logits / config.temperature
         logp = torch.log_softmax(logits, dim=-1)
         del logits
         lp = logp.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1) if reference_style or CONFIG.entropy_coef != 0 else None
+        entropy = -(logp.exp() * logp).sum(-1) if reference_style or config.entropy_coef != 0 else None
         del logp
+        seq = None
+        if config.ratio_level == "sequence":
+            seq = sequence_log_ratio(lp, tok.old_logprobs, tok.seq_start, tok.mask, lp.shape[0])
         loss_t, _ = token_losses(
             lp, entropy, advantages=tok.advantages, is_expert=tok.is_expert, old_logprobs=tok.old_logprobs,
-            ref_logprobs=tok.ref_logprobs, behavior_logprobs=None, config=CONFIG,
+            ref_logprobs=tok.ref_logprobs, behavior_logprobs=None, config=config, seq_log_ratio=seq,
         )
         loss = (loss_t * tok.agg_weight).sum()
         del entropy  # the reference drops it when it returns, before the caller's backward()
@@ -143,12 +151,13 @@ def run_materialised(reference_style: bool) -> Callable[[Batch], torch.Tensor]:
     return run
 
 
-def run_liger() -> Callable[[Batch], torch.Tensor]:
+def run_liger(config: LossConfig) -> Callable[[Batch], torch.Tensor]:
     from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOLoss
 
     module = LigerFusedLinearGRPOLoss(
-        beta=CONFIG.beta, epsilon_low=CONFIG.eps_low, epsilon_high=CONFIG.eps_high, loss_type="dapo",
-        temperature=CONFIG.temperature, use_ref_model=True, compiled=True, chunk_size=1,
+        beta=config.beta, epsilon_low=config.eps_low, epsilon_high=config.eps_high, loss_type="dapo",
+        temperature=config.temperature, use_ref_model=True, compiled=True, chunk_size=1,
+        importance_sampling_level=config.ratio_level,
     )
 
     def run(b: Batch) -> torch.Tensor:
@@ -211,13 +220,6 @@ def measure(methods: dict[str, Callable[[Batch], torch.Tensor]], batch: Batch, r
     }
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -241,17 +243,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--ratio-level", choices=("token", "sequence"), default="token",
+                        help="the importance ratio per token (default) or per sequence (GSPO)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    config = replace(TOKEN_LEVEL, ratio_level=args.ratio_level)
 
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
     torch.set_num_threads(args.threads)
     factories = {
-        "ekipl cpu": lambda: run_ekipl("cpu"),
-        "reference-style": lambda: run_materialised(reference_style=True),
-        "materialised": lambda: run_materialised(reference_style=False),
-        "ekipl chunked": lambda: run_ekipl("chunked"),
-        "liger": run_liger,
+        "ekipl cpu": lambda: run_ekipl("cpu", config),
+        "reference-style": lambda: run_materialised(True, config),
+        "materialised": lambda: run_materialised(False, config),
+        "ekipl chunked": lambda: run_ekipl("chunked", config),
+        "liger": lambda: run_liger(config),
     }
     methods = {name: factories[name]() for name in args.methods.split(",")}
     load_before = os.getloadavg()
@@ -282,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "shape": {"H": HIDDEN, "V": VOCAB, "seq_len": SEQ_LEN, "dtype": "float32"},
-        "config": CONFIG.__dict__,
+        "config": config.__dict__,
         "rows": rows,
     }
     print(format_table(rows))

@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import reference
+from . import reference, sequence_level
 from .backends import load_backend, resolve_backend
 from .config import LossConfig, LossOutput
 from .inputs import check_logits_inputs, check_matrix_inputs, prepare_token_inputs, values_checked
@@ -78,7 +78,7 @@ def fused_linear_grpo_loss(
     options = _with_env(options)
     values = values_checked(hidden.device, options.debug_checks)
     check_matrix_inputs(hidden, weight, targets, bias, values=values)
-    name = _loss_backend(resolve_backend(backend or options.backend, hidden.device, hidden.dtype), config)
+    name = resolve_backend(backend or options.backend, hidden.device, hidden.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -90,11 +90,14 @@ def fused_linear_grpo_loss(
     tok = prepare_token_inputs(hidden.shape[0], hidden.device, **keywords, check_values=values)
     grad_on = torch.is_grad_enabled()
     need_entropy = return_entropy or config.entropy_coef != 0
-    result = load_backend(name).linear_loss(
-        hidden, weight, targets, tok, config, bias=bias, need_entropy=need_entropy,
-        grad_hidden=grad_on and hidden.requires_grad, grad_weight=grad_on and weight.requires_grad,
-        grad_bias=grad_on and bias is not None and bias.requires_grad, options=options,
-    )
+    kernels = load_backend(name)
+    flags = dict(bias=bias, need_entropy=need_entropy, grad_hidden=grad_on and hidden.requires_grad,
+                 grad_weight=grad_on and weight.requires_grad,
+                 grad_bias=grad_on and bias is not None and bias.requires_grad, options=options)
+    if config.ratio_level == "sequence":
+        result = sequence_level.linear_loss(kernels, hidden, weight, targets, tok, config, **flags)
+    else:
+        result = kernels.linear_loss(hidden, weight, targets, tok, config, **flags)
     loss = _PrecomputedGradLoss.apply(
         result.loss, result.grad_input, result.grad_weight, result.grad_bias, hidden, weight, bias
     )
@@ -124,7 +127,7 @@ def grpo_loss(
     options = _with_env(options)
     values = values_checked(logits.device, options.debug_checks)
     check_logits_inputs(logits, targets, values=values)
-    name = _loss_backend(resolve_backend(backend or options.backend, logits.device, logits.dtype), config)
+    name = resolve_backend(backend or options.backend, logits.device, logits.dtype)
     keywords = dict(
         advantages=advantages, cu_seqlens=cu_seqlens, origin=origin, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, normalizer=normalizer,
@@ -134,10 +137,12 @@ def grpo_loss(
         return reference.grpo_loss(logits, targets, return_entropy=return_entropy, **keywords)
     tok = prepare_token_inputs(logits.shape[0], logits.device, **keywords, check_values=values)
     need_entropy = return_entropy or config.entropy_coef != 0
-    result = load_backend(name).logits_loss(
-        logits, targets, tok, config, need_entropy=need_entropy,
-        grad_logits=torch.is_grad_enabled() and logits.requires_grad,
-    )
+    kernels = load_backend(name)
+    flags = dict(need_entropy=need_entropy, grad_logits=torch.is_grad_enabled() and logits.requires_grad)
+    if config.ratio_level == "sequence":
+        result = sequence_level.logits_loss(kernels, logits, targets, tok, config, **flags)
+    else:
+        result = kernels.logits_loss(logits, targets, tok, config, **flags)
     loss = _PrecomputedGradLoss.apply(result.loss, result.grad_input, None, None, logits, None, None)
     stats = reference.statistics(result.logprobs, result.entropy, tok, config)
     return LossOutput(loss, result.logprobs, result.entropy, stats)
@@ -173,12 +178,6 @@ def fused_linear_logprobs(
             bias=None if bias is None else bias.detach(),
         )
     return (lp, entropy) if return_entropy else lp
-
-
-def _loss_backend(name: str, config: LossConfig) -> str:
-    """The C++ and Triton kernels form each token's loss from that token alone; sequence-level ratios couple the
-    tokens of a sequence, so they run on the chunked backend's two passes (LossConfig.ratio_level)."""
-    return "chunked" if name in ("cpu", "triton") and config.ratio_level == "sequence" else name
 
 
 _DEFAULT_OPTIONS = KernelOptions()

@@ -2,17 +2,11 @@
 
 Only ``[chunk, V]`` logits exist at once; gradients are formed chunk by chunk during the forward with
 autograd. It is the fallback where neither the C++ op nor Triton applies, and a second opinion in tests.
-With ``ratio_level="sequence"`` a token's loss depends on the log-probs of its whole sequence, which another
-chunk may hold: a first pass forms every log-prob and entropy (no gradient), the loss and each token's
-``dL/dlp`` and ``dL/dH`` follow on those ``[N]`` vectors, and the chunks then back-propagate the surrogate
-``sum_t (dL/dlp_t) lp_t + (dL/dH_t) H_t``, whose gradient is the loss's.
+Like every backend it forms per-token losses; sequence-level ratios run through :mod:`.sequence_level`.
 It has no knobs: ``options`` is accepted and unused.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -20,7 +14,7 @@ from .backend_api import FusedResult
 from .config import LossConfig
 from .inputs import TokenInputs
 from .options import KernelOptions
-from .reference import active_token_losses, logprobs_and_entropy, unmasked_token_losses
+from .reference import active_token_losses, logprobs_and_entropy
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk (autograd keeps a few tensors of that size)
 
@@ -31,49 +25,11 @@ def _row_chunks(n: int, vocab: int):
     return (slice(start, min(start + step, n)) for start in range(0, n, step))
 
 
-@dataclass
-class _Coupled:
-    """The first pass of ``ratio_level="sequence"``: the loss and every token's log-prob, entropy and the loss's
-    derivatives with respect to them (0 for masked tokens)."""
-
-    loss: torch.Tensor
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-    d_logprobs: torch.Tensor
-    d_entropy: torch.Tensor
-
-
-@torch.no_grad()
-def _coupled(logits_of_rows, n: int, vocab: int, targets, tok: TokenInputs, config: LossConfig) -> Optional[_Coupled]:
-    """None for per-token ratios (each chunk is independent), else the first pass (see the module's docstring)."""
-    if config.ratio_level != "sequence":
-        return None
-    lp = torch.empty(n, dtype=torch.float32, device=targets.device)
-    entropy = torch.empty_like(lp)
-    for rows in _row_chunks(n, vocab):
-        lp[rows], entropy[rows] = logprobs_and_entropy(logits_of_rows(rows), targets[rows], config.temperature)
-    on = (tok.mask != 0).nonzero().squeeze(1)
-    with torch.enable_grad():
-        lp_on, entropy_on = lp[on].requires_grad_(), entropy[on].requires_grad_()
-        loss_t, _ = unmasked_token_losses(lp_on, entropy_on, on, tok, config)
-        loss = (loss_t * tok.agg_weight[on]).sum()
-        d_lp, d_entropy = torch.autograd.grad(loss, [lp_on, entropy_on], materialize_grads=True)
-    spread = lambda d: torch.zeros_like(lp).index_copy_(0, on, d)  # noqa: E731
-    return _Coupled(loss.detach(), lp, entropy, spread(d_lp), spread(d_entropy))
-
-
-def _chunk_loss(logits_of, targets: torch.Tensor, tok: TokenInputs, rows: slice, config: LossConfig,
-                coupled: Optional[_Coupled]):
-    """What the chunk back-propagates, its share of the loss, and every row's log-prob and entropy."""
-    if coupled is None:
-        chunk = tok.select(rows)
-        act = active_token_losses(logits_of, targets[rows], chunk, config)
-        loss = (act.loss * chunk.agg_weight[act.index]).sum()
-        return loss, loss.detach(), act.logprobs, act.entropy
-    on = (tok.mask[rows] != 0).nonzero().squeeze(1)  # masked rows may hold anything: never touched
-    lp, entropy = logprobs_and_entropy(logits_of(on), targets[rows][on], config.temperature)
-    surrogate = (coupled.d_logprobs[rows][on] * lp).sum() + (coupled.d_entropy[rows][on] * entropy).sum()
-    return surrogate, torch.zeros_like(coupled.loss), coupled.logprobs[rows], coupled.entropy[rows]
+def _chunk_loss(logits_of, targets: torch.Tensor, tok: TokenInputs, rows: slice, config: LossConfig):
+    """The chunk's share of the loss (to back-propagate), and every row's log-prob and entropy."""
+    chunk = tok.select(rows)
+    act = active_token_losses(logits_of, targets[rows], chunk, config)
+    return (act.loss * chunk.agg_weight[act.index]).sum(), act.logprobs, act.entropy
 
 
 def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *, bias, need_entropy, grad_hidden,
@@ -82,8 +38,7 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
     w32 = weight.detach().float().requires_grad_(grad_weight)
     b32 = torch.zeros(weight.shape[0], device=weight.device) if bias is None else bias.detach().float()
     b32.requires_grad_(grad_bias)
-    coupled = _coupled(lambda rows: hidden[rows].float() @ w32.T + b32, n, weight.shape[0], targets, tok, config)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device) if coupled is None else coupled.loss.clone()
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if need_entropy else None
     d_hidden = torch.empty_like(hidden) if grad_hidden else None
@@ -92,18 +47,17 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
     for rows in _row_chunks(n, weight.shape[0]):
         with torch.enable_grad():
             h = hidden[rows].detach().float().requires_grad_(grad_hidden)
-            chunk_grad, chunk_loss, chunk_lp, chunk_ent = _chunk_loss(
-                lambda i: h[i] @ w32.T + b32, targets, tok, rows, config, coupled)
+            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: h[i] @ w32.T + b32, targets, tok, rows, config)
             wanted = [t for t, need in ((h, grad_hidden), (w32, grad_weight), (b32, grad_bias)) if need]
             # A chunk without unmasked tokens does not depend on h: its gradient is zero (materialised).
-            grads = list(torch.autograd.grad(chunk_grad, wanted, materialize_grads=True)) if wanted else []
+            grads = list(torch.autograd.grad(chunk_loss, wanted, materialize_grads=True)) if wanted else []
         if grad_hidden:
             d_hidden[rows] = grads.pop(0).to(hidden.dtype)
         if grad_weight:
             d_weight += grads.pop(0)
         if grad_bias:
             d_bias += grads.pop(0)
-        loss += chunk_loss
+        loss += chunk_loss.detach()
         lp[rows] = chunk_lp
         if need_entropy:
             entropy[rows] = chunk_ent
@@ -113,19 +67,17 @@ def linear_loss(hidden, weight, targets, tok: TokenInputs, config: LossConfig, *
 
 def logits_loss(logits, targets, tok: TokenInputs, config: LossConfig, *, need_entropy, grad_logits):
     n = logits.shape[0]
-    coupled = _coupled(lambda rows: logits[rows].detach().float(), n, logits.shape[1], targets, tok, config)
-    loss = torch.zeros((), dtype=torch.float32, device=logits.device) if coupled is None else coupled.loss.clone()
+    loss = torch.zeros((), dtype=torch.float32, device=logits.device)
     lp = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(n, dtype=torch.float32, device=logits.device) if need_entropy else None
     d_logits = torch.empty_like(logits) if grad_logits else None
     for rows in _row_chunks(n, logits.shape[1]):
         with torch.enable_grad():
             z = logits[rows].detach().float().requires_grad_(grad_logits)
-            chunk_grad, chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: z[i], targets, tok, rows, config,
-                                                                      coupled)
+            chunk_loss, chunk_lp, chunk_ent = _chunk_loss(lambda i: z[i], targets, tok, rows, config)
             if grad_logits:
-                d_logits[rows] = torch.autograd.grad(chunk_grad, z, materialize_grads=True)[0].to(logits.dtype)
-        loss += chunk_loss
+                d_logits[rows] = torch.autograd.grad(chunk_loss, z, materialize_grads=True)[0].to(logits.dtype)
+        loss += chunk_loss.detach()
         lp[rows] = chunk_lp
         if need_entropy:
             entropy[rows] = chunk_ent

@@ -39,8 +39,8 @@ class LossConfig:
         every token of a sequence takes ``rho = exp(mean over the sequence's unmasked tokens of (lp - old))``, the
         log-ratio clamp applied to that mean, its gradient reaching every token's lp. Every policy_loss,
         kl_bias_correction and expert_mode "ratio" or "shaped" (expert tokens enter their sequence's mean) take it;
-        "is" is refused. The C++ and Triton backends run it through the chunked torch backend (two passes: the
-        log-probs first, then the gradient through per-token coefficients).
+        "is" is refused. Every backend runs it in two passes of its own kernels (the log-probs first, then the
+        gradient through per-token coefficients; ``ekipl_kernels.sequence_level``).
     cispo_cap: the cap of CISPO's importance weight (TRL passes its epsilon_high; 5.0 is ScaleRL's value).
     sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (TRL's defaults 1.0 and 1.05).
     dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c * A``; None disables it.

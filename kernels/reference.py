@@ -202,6 +202,20 @@ def unmasked_token_losses(lp_on: torch.Tensor, entropy_on: torch.Tensor, on: tor
     )
 
 
+def sequence_level_derivatives(logprobs: torch.Tensor, entropy: Optional[torch.Tensor], tok: TokenInputs,
+                               config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss ``sum_t w_t l_t`` of given log-probs and entropies (``[N]``, entropy None when
+    ``config.entropy_coef == 0``) and its derivative with respect to each log-prob, ``[N]``, 0 on masked tokens: what
+    a sequence-level ratio couples. Masked tokens are selected out, whatever their inputs hold."""
+    on = (tok.mask != 0).nonzero().squeeze(1)
+    with torch.enable_grad():
+        lp_on = logprobs[on].detach().requires_grad_()
+        loss_t, _ = unmasked_token_losses(lp_on, None if entropy is None else entropy[on], on, tok, config)
+        loss = (loss_t * tok.agg_weight[on]).sum()
+        (d_lp,) = torch.autograd.grad(loss, lp_on, materialize_grads=True)
+    return loss.detach(), torch.zeros_like(logprobs).index_copy_(0, on, d_lp.to(logprobs.dtype))
+
+
 def _loss(
     logits_of: Callable[[torch.Tensor], torch.Tensor],
     n: int,

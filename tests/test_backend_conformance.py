@@ -295,6 +295,22 @@ def test_sequence_level_ratio(backend, entry, name):
     assert float(out.stats["ratio_mean"]) == pytest.approx(float(ref.stats["ratio_mean"]), rel=1e-5)
 
 
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "chunked"])
+def test_sequence_level_ratio_runs_on_the_named_backends_kernels(backend, entry, monkeypatch):
+    """GSPO on "cpu"/"triton" runs both passes through that backend (no chunked fallback) and still matches."""
+    import ekipl_kernels.chunked as chunked
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the chunked backend ran")
+
+    for name in ("linear_loss", "logits_loss", "linear_logprobs"):
+        monkeypatch.setattr(chunked, name, refuse)
+    loss_fn, inputs_of = ENTRY_POINTS[entry]
+    batch = random_batch(seed=19, logit_scale=2.0)
+    assert_matches_reference(loss_fn, inputs_of(batch), batch, SEQUENCE_LEVEL_CONFIGS["gspo"], backend)
+
+
 def test_sequence_level_ratio_is_trls():
     """TRL 1.16 (importance_sampling_level="sequence"): exp of the masked mean of lp - old over each sequence,
     broadcast to its tokens, the gradient reaching every token."""
