@@ -8,6 +8,7 @@
 #   3. the race stress: one chunk's in-place bf16 gradient 200 times, bitwise equal;
 #   4. indexing beyond 2^31 elements: grpo_loss over [16384, 152064] bf16 logits, last rows vs the reference;
 #   5. varlen: 8 random N compile nothing new, one autotune entry per (H, V);
+#   5b. the loss options (CISPO, SAPO, bias-corrected KL, GSPO, sequence-level TIS, LM-head bias) vs fp64;
 #   6. timings (median of 10, CUDA events) at (16384, 3584, 152064) and (8192, 4096, 131072): the floor
 #      (3 bf16 GEMMs), rows, vocab, the 2 GB memory-budget schedule, materialised torch, Liger (fused-linear
 #      and its Triton loss), the log-probs passes (fused, cublas) against one GEMM; TFLOP/s, peak memory,

@@ -7,7 +7,9 @@
    and to the gradient written to a separate buffer;
 4. indexing beyond 2^31 elements: ``grpo_loss`` over [16384, 152064] bf16 logits, the last rows against the
    reference;
-5. varlen: 8 random N compile nothing new after a warm-up, and the autotuner keeps one entry per (H, V).
+5. varlen: 8 random N compile nothing new after a warm-up, and the autotuner keeps one entry per (H, V);
+6. the loss options (CISPO, SAPO, bias-corrected KL, GSPO's two passes, sequence-level TIS, an LM-head bias)
+   through both schedules and over logits, against the fp64 reference, under 1e-2.
 
 Each check is a function of the device and the sizes. On a GPU the tests run them at the sizes above in
 bf16; elsewhere the same functions run at interpreter sizes in fp16 (the interpreter's bf16 arithmetic is
@@ -207,6 +209,54 @@ def check_varlen_compiles_nothing_new(h: int, v: int, ns: list[int]) -> dict:
     return after
 
 
+OPTION_CONFIGS = {  # issue 15's loss options, each against the reference on the card
+    "cispo": LossConfig(policy_loss="cispo", cispo_cap=1.5, beta=0.04),
+    "sapo": LossConfig(policy_loss="sapo", beta=0.04, entropy_coef=0.01),
+    "kl-bias-corrected": LossConfig(beta=0.1, kl_bias_correction=True, eps_high=0.28),
+    "gspo": LossConfig(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, beta=0.04, entropy_coef=0.01),
+    "gspo-sapo-shaped": LossConfig(ratio_level="sequence", policy_loss="sapo", expert_mode="shaped"),
+    "tis-sequence-is": LossConfig(tis_cap=1.5, tis_level="sequence", expert_mode="is", is_cap=3.0),
+}
+
+
+def check_loss_options(lengths: tuple, h: int, v: int) -> dict:
+    """Every option of OPTION_CONFIGS, and an LM-head bias, through both Triton schedules and ``grpo_loss`` over
+    logits: loss, log-probs and every gradient against the fp64 reference (relative errors returned). The public
+    functions run the Triton backend compiled on a GPU, interpreted on CPU tensors."""
+    from ekipl_kernels.testing import random_batch
+
+    errors = {}
+    cases = [(name, config, False) for name, config in OPTION_CONFIGS.items()] + [("bias", CONFIG, True)]
+    for name, config, with_bias in cases:
+        batch = random_batch(lengths=lengths, vocab=v, hidden_size=h, dtype=DTYPE, device=DEVICE, logit_scale=2.0,
+                             seed=len(errors), with_bias=with_bias, expert_fraction=0.2)
+        inputs = [t for t in (batch.hidden, batch.weight, batch.bias) if t is not None]
+
+        def run(tensors, **how):
+            tensors = [t.detach().clone().requires_grad_() for t in tensors]
+            bias = tensors[2] if len(tensors) == 3 else None
+            out = fused_linear_grpo_loss(tensors[0], tensors[1], batch.targets, bias=bias, config=config,
+                                         **batch.keywords, **how)
+            return out, torch.autograd.grad(out.loss, tensors)
+
+        ref, ref_grads = run([t.double() for t in inputs], backend="reference")
+        for schedule in ("rows", "vocab"):
+            out, grads = run(inputs, options=KernelOptions(backend="triton", schedule=schedule))
+            errors[f"{name}/{schedule}"] = max(rel_err(out.loss, ref.loss), rel_err(out.logprobs, ref.logprobs),
+                                               *(rel_err(g, r) for g, r in zip(grads, ref_grads)))
+        logits = batch.logits().detach()
+        ref_logits = logits.double().requires_grad_()
+        ref_out = grpo_loss(ref_logits, batch.targets, config=config, backend="reference", **batch.keywords)
+        got_logits = logits.clone().requires_grad_()
+        got = grpo_loss(got_logits, batch.targets, config=config, backend="triton", **batch.keywords)
+        errors[f"{name}/logits"] = max(
+            rel_err(got.loss, ref_out.loss),
+            rel_err(torch.autograd.grad(got.loss, got_logits)[0], torch.autograd.grad(ref_out.loss, ref_logits)[0]))
+    bad = {key: err for key, err in errors.items() if not err < GRAD_TOL}
+    assert not bad, f"relative errors over {GRAD_TOL}: {bad}"
+    return errors
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The tests, in gpu_check order
 
@@ -216,6 +266,8 @@ SIZES = {
                                                                                                 "vocab": 0.1}),
     "race": (1024, 152064, 200) if CUDA else (16, 1001, 2),
     "indexing": (16384, 152064, 64) if CUDA else (40, 1001, 8),
+    # sequence lengths, H, V of the loss-options check
+    "options": ((1, 700, 1, 900, 1200, 800), 1024, 32003) if CUDA else ((1, 9, 1, 12, 17, 8), 40, 1001),
 }
 
 
@@ -243,3 +295,7 @@ def test_4_indexing_beyond_2_31_elements():
 def test_5_varlen_compiles_nothing_new():
     rng = random.Random(5)
     print(check_varlen_compiles_nothing_new(3584, 152064, [rng.randrange(1024, 8192) for _ in range(8)]))
+
+
+def test_6_loss_options_match_fp64():
+    print(check_loss_options(*SIZES["options"]))
