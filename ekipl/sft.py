@@ -92,7 +92,9 @@ def expert_demonstrations(seed: int, *, k: int, error_rate: float) -> Demonstrat
 
 
 def learning_rate(cfg: SFTConfig, step: int) -> float:
-    """The trainer's schedule: linear warm-up, then a cosine to 0 at the last step."""
+    """Linear warm-up, then a cosine that reaches 0 at the last step (unlike the RL learner's ``lr_lambda``, whose
+    last step still trains: an SFT run's last step may as well be at 0, and the tiny default's warm start is
+    built with this one)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps - 1, 1)
